@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` (the main job on the shipped checkpoints) and `make test`.
+# Each creates .venv if it is missing. torch is pinned first: 2.13.0 is a CPU build on local disk here, while an
+# unpinned torch would pull a CUDA build of several GB.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/villes demo --out out
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/ladder.py
+
+clean:
+	rm -rf out .pytest_cache
