@@ -37,7 +37,7 @@ def _nll_alone_vs_padded(model, tok):
 def test_padding_never_changes_the_loss(tiny_transformer_dir):
     model, tok, _ = load_checkpoint(tiny_transformer_dir)
     _nll_alone_vs_padded(model, tok)
-    mlp = MLP(MLPSettings(context=4, d_embed=8, d_hidden=16, n_hidden=1, dropout=0.0, d_vocab=tok.vocab_size)).eval()
+    mlp = MLP(MLPSettings(context=4, d_embed=8, d_hidden=16, n_hidden=1, d_vocab=tok.vocab_size)).eval()
     _nll_alone_vs_padded(mlp, tok)
 
 
@@ -49,7 +49,7 @@ def test_mlp_overfits_a_tiny_corpus(tmp_path):
     corpus.split("train")  # all splits by hash; train on every name, check on every name
     s = TrainSettings(steps=400, batch_size=8, lr=1e-2, warmup=10, eval_every=100, patience=100, weight_decay=0.0)
     tok = CharTokenizer.from_names(names)
-    model = MLP(MLPSettings(context=4, d_embed=8, d_hidden=64, n_hidden=1, dropout=0.0, d_vocab=tok.vocab_size))
+    model = MLP(MLPSettings(context=4, d_embed=8, d_hidden=64, n_hidden=1, d_vocab=tok.vocab_size))
     from training.lm import evaluate_nll, train_lm
 
     before = evaluate_nll(model, tok, names)
@@ -172,7 +172,7 @@ def test_batched_sampling_matches_single_forward(tiny_transformer_dir):
         )
         start = len(tok.encode_prefix(prefix)) - 1
         assert len({len(t) for t in samples.tokens}) > 1  # names of several lengths shared a batch
-        for tokens, lps in zip(samples.tokens, samples.step_log_probs):
+        for tokens, lps in zip(samples.tokens, samples.step_log_probs, strict=False):
             full = log_probs(model(torch.tensor([tokens])))[0, start : start + len(lps)]
             finite = torch.isfinite(full)
             assert torch.equal(finite, torch.isfinite(lps))

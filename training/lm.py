@@ -179,8 +179,9 @@ def train_lm(
         opt.step()
         if ema is not None:
             with torch.no_grad():
+                decay = min(s.ema, (1 + step) / (10 + step))  # warm-up: early averages forget the random init
                 for k, p in model.named_parameters():
-                    ema[k].lerp_(p, 1 - s.ema)
+                    ema[k].lerp_(p, 1 - decay)
         step += 1
         train_loss = loss.item() if math.isnan(train_loss) else 0.98 * train_loss + 0.02 * loss.item()
         bar.update(1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from training.tokenizer import BOS_ID
+from training.tokenizer import BOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,6 @@ class MLPSettings:
     d_embed: int = 32
     d_hidden: int = 512
     n_hidden: int = 2
-    dropout: float = 0.2
     d_vocab: int = 0  # set from the tokenizer
     seed: int = 0
 
@@ -34,14 +33,23 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = s.context * s.d_embed
         for _ in range(s.n_hidden):
-            layers += [nn.Linear(width, s.d_hidden), nn.GELU(), nn.Dropout(s.dropout)]
+            layers += [nn.Linear(width, s.d_hidden), nn.GELU(), nn.Dropout(0.0)]
             width = s.d_hidden
         self.hidden = nn.Sequential(*layers)
         self.unembed = nn.Linear(width, s.d_vocab)
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout is a training setting (TrainSettings.dropout), not part of the architecture."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
         k = self.settings.context
         padded = F.pad(tokens, (k - 1, 0), value=BOS_ID)
         windows = padded.unfold(1, k, 1)  # [batch, pos, k]: tokens pos-k+1 .. pos
-        x = self.embed(windows).flatten(-2)
-        return self.unembed(self.hidden(x))
+        real = tokens != PAD_ID  # padding positions are never a context that matters: skip their compute
+        x = self.embed(windows[real]).flatten(-2)
+        logits = torch.zeros(*tokens.shape, self.settings.d_vocab, dtype=x.dtype)
+        logits[real] = self.unembed(self.hidden(x))
+        return logits

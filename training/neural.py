@@ -127,6 +127,8 @@ def train_to_folder(
 
     if kind == "transformer":
         add_dropout_hooks(model, train_settings.dropout)
+    else:
+        model.set_dropout(train_settings.dropout)
     try:
         result = train_lm(
             model,

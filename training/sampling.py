@@ -88,7 +88,11 @@ def sample_names(
     try:
         for b0 in range(0, settings.n, settings.batch_size):
             batch = min(settings.batch_size, settings.n - b0)
-            run = _run_hooked if n_ctx else _run_plain
+            run = _run_plain
+            if n_ctx:
+                from training import lean_decoder
+
+                run = _run_lean if not fwd_hooks and lean_decoder.supports(model) else _run_hooked
             toks, lps = run(model, start, batch, max_tokens, settings, gen, fwd_hooks, keep_log_probs)
             for i, t in enumerate(toks):
                 all_tokens.append(t)
@@ -138,6 +142,41 @@ def _run_hooked(model, start, batch, max_tokens, s, gen, fwd_hooks, keep):
                     entry.past_keys, entry.past_values = entry.past_keys[live], entry.past_values[live]
                 cache.previous_attention_mask = cache.previous_attention_mask[live]
             logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
+    return out_tokens, out_lps
+
+
+def _run_lean(model, start, batch, max_tokens, s, gen, fwd_hooks, keep):
+    """Finished rows stay in the decoder (fed <eos>, outputs ignored) until fewer than 60% are live: compacting the
+    cache at every finished name would copy it at almost every step."""
+    from training.lean_decoder import LeanDecoder
+
+    dec = LeanDecoder(model, batch)
+    tokens = start.repeat(batch, 1)
+    rows = torch.arange(batch)  # original row of each live sequence
+    slots = torch.arange(batch)  # its row in the decoder
+    out_tokens: list = [None] * batch
+    out_lps: list = [None] * batch
+    lps: list[Tensor] = []
+    logits = dec.step(tokens)
+    while True:
+        nxt, lp = _choose(logits[slots], s, gen)
+        if keep:
+            lps.append(lp)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = (nxt == EOS_ID) | (tokens.shape[1] >= max_tokens)
+        if done.any():
+            _finish(tokens, lps, rows, out_tokens, out_lps, keep, done)
+            live = ~done
+            if not live.any():
+                break
+            tokens, rows, nxt, slots = tokens[live], rows[live], nxt[live], slots[live]
+            lps = [lp[live] for lp in lps]
+            if len(slots) < 0.6 * dec.batch:
+                dec.keep(slots)
+                slots = torch.arange(len(slots))
+        feed = torch.full((dec.batch, 1), EOS_ID)
+        feed[slots, 0] = nxt
+        logits = dec.step(feed)
     return out_tokens, out_lps
 
 
