@@ -159,6 +159,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from training.demo import run_demo
+
+    print(run_demo(args.out))
+    return 0
+
+
 # The shipped checkpoints' settings (`villes train transformer --out DIR` reproduces checkpoints/transformer)
 TRAIN_DEFAULTS = {
     "mlp": {"lr": 2e-3, "dropout": 0.2, "ema": 0.999, "steps": 15_000, "batch_size": 128, "eval_every": 500},
@@ -203,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ladder)
+
+    p = sub.add_parser("demo", help="the main job on the shipped checkpoints: ladder, SAE, dashboards, ... under --out")
+    p.add_argument("--out", type=Path, default=Path("out"))
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a neural level (mlp, transformer) into a checkpoint folder")
     tsub = p.add_subparsers(dest="kind", required=True, parser_class=_Parser)

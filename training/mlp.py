@@ -17,8 +17,8 @@ from training.tokenizer import BOS_ID, PAD_ID
 @dataclass(frozen=True)
 class MLPSettings:
     context: int = 8  # previous tokens seen (<bos>-padded at the start of a name)
-    d_embed: int = 32
-    d_hidden: int = 512
+    d_embed: int = 24
+    d_hidden: int = 384
     n_hidden: int = 2
     d_vocab: int = 0  # set from the tokenizer
     seed: int = 0
