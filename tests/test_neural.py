@@ -164,12 +164,18 @@ def test_resume_after_kill_loses_nothing(tmp_path, tiny_names_file):
     assert ma["steps"] == mb["steps"] == 1500 and ma["val_nll"] == pytest.approx(mb["val_nll"], abs=1e-6)
 
 
-def test_batched_sampling_matches_single_forward(tiny_transformer_dir):
+@pytest.mark.parametrize("path", ["lean", "hooked", "mlp"])
+def test_batched_sampling_matches_single_forward(tiny_transformer_dir, path):
+    """Each path (lean decoder, TransformerLens forward + KV cache when hooks are on, recompute for the MLP) gives
+    the next-letter distributions of a plain forward pass over the finished name."""
     model, tok, _ = load_checkpoint(tiny_transformer_dir)
+    hooks = [("hook_embed", lambda x, hook: x)] if path == "hooked" else []
+    if path == "mlp":
+        torch.manual_seed(0)
+        model = MLP(MLPSettings(context=3, d_embed=8, d_hidden=16, n_hidden=1, d_vocab=tok.vocab_size)).eval()
     for prefix in ("", "saint-"):
-        samples = sample_names(
-            model, tok, SampleSettings(n=64, seed=1, prefix=prefix, batch_size=32), keep_log_probs=True
-        )
+        settings = SampleSettings(n=64, seed=1, prefix=prefix, batch_size=32)
+        samples = sample_names(model, tok, settings, fwd_hooks=hooks, keep_log_probs=True)
         start = len(tok.encode_prefix(prefix)) - 1
         assert len({len(t) for t in samples.tokens}) > 1  # names of several lengths shared a batch
         for tokens, lps in zip(samples.tokens, samples.step_log_probs, strict=False):
@@ -178,6 +184,22 @@ def test_batched_sampling_matches_single_forward(tiny_transformer_dir):
             assert torch.equal(finite, torch.isfinite(lps))
             torch.testing.assert_close(full[finite], lps[finite], atol=1e-5, rtol=0)
         assert all(name.startswith(prefix) for name in samples.names)
+
+
+def test_hooks_fire_while_sampling(tiny_transformer_dir):
+    model, tok, _ = load_checkpoint(tiny_transformer_dir)
+    calls = []
+
+    def zero_resid(x, hook):
+        calls.append(x.shape)
+        return torch.zeros_like(x)
+
+    s = SampleSettings(n=50, seed=2)
+    plain = sample_names(model, tok, s).names
+    steered = sample_names(model, tok, s, fwd_hooks=[("blocks.0.hook_resid_post", zero_resid)], keep_log_probs=True)
+    assert calls and steered.names != plain
+    first = steered.step_log_probs[0][0]  # a zeroed residual: every step of every name sees one distribution
+    assert all(torch.allclose(lp, first.expand_as(lp)) for lp in steered.step_log_probs)
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny_transformer_dir):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from training.errors import VillesError
@@ -86,14 +86,13 @@ def sample_names(
     was_training = model.training
     model.eval()
     try:
+        if fwd_hooks and not n_ctx:
+            raise VillesError("fwd_hooks need a HookedTransformer")
         for b0 in range(0, settings.n, settings.batch_size):
             batch = min(settings.batch_size, settings.n - b0)
-            run = _run_plain
-            if n_ctx:
-                from training import lean_decoder
-
-                run = _run_lean if not fwd_hooks and lean_decoder.supports(model) else _run_hooked
-            toks, lps = run(model, start, batch, max_tokens, settings, gen, fwd_hooks, keep_log_probs)
+            toks, lps = _generate(
+                _backend(model, batch, fwd_hooks), start, batch, max_tokens, settings, gen, keep_log_probs
+            )
             for i, t in enumerate(toks):
                 all_tokens.append(t)
                 names.append(tokenizer.decode(t[1:]))
@@ -104,101 +103,107 @@ def sample_names(
     return Samples(names, all_tokens, all_lps if keep_log_probs else None)
 
 
-def _finish(
-    tokens: Int[Tensor, "batch pos"], lps: list, rows: Tensor, out_tokens: list, out_lps: list, keep: bool, done
-):
-    for j in torch.nonzero(done).flatten().tolist():
-        r = int(rows[j])
-        out_tokens[r] = tokens[j].tolist()
-        if keep:
-            out_lps[r] = torch.stack([lp[j] for lp in lps])
+def _backend(model, batch: int, fwd_hooks):
+    if not _is_hooked(model):
+        return _Recompute(model)
+    from training import lean_decoder
+
+    if not fwd_hooks and lean_decoder.supports(model):
+        return _Lean(model, batch)
+    return _HookedCache(model, batch, fwd_hooks)
 
 
-def _run_hooked(model, start, batch, max_tokens, s, gen, fwd_hooks, keep):
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+class _Recompute:
+    """Any tokens -> logits module (the MLP): the whole prefix is run again at each step."""
 
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+    def __init__(self, model):
+        self.model = model
+
+    def first(self, tokens):
+        self.tokens = tokens
+        return self.model(tokens)[:, -1]
+
+    def drop(self, live):
+        self.tokens = self.tokens[live]
+
+    def next(self, nxt):
+        self.tokens = torch.cat([self.tokens, nxt[:, None]], dim=1)
+        return self.model(self.tokens)[:, -1]
+
+
+class _HookedCache:
+    """TransformerLens's forward with its own key-value cache: every hook fires at every step."""
+
+    def __init__(self, model, batch, fwd_hooks):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        self.model, self.fwd_hooks = model, list(fwd_hooks)
+        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+
+    def _run(self, tokens):
+        with self.model.hooks(fwd_hooks=self.fwd_hooks):
+            return self.model(tokens, past_kv_cache=self.cache)[:, -1]
+
+    def first(self, tokens):
+        return self._run(tokens)
+
+    def drop(self, live):
+        for entry in self.cache.entries:
+            entry.past_keys, entry.past_values = entry.past_keys[live], entry.past_values[live]
+        self.cache.previous_attention_mask = self.cache.previous_attention_mask[live]
+
+    def next(self, nxt):
+        return self._run(nxt[:, None])
+
+
+class _Lean:
+    """The lean decoder. Finished rows stay in it (fed <eos>, outputs ignored) until fewer than 60% are live:
+    compacting the cache at every finished name would copy it at almost every step."""
+
+    def __init__(self, model, batch):
+        from training.lean_decoder import LeanDecoder
+
+        self.dec = LeanDecoder(model, batch)
+        self.slots = torch.arange(batch)  # decoder row of each live sequence
+
+    def first(self, tokens):
+        return self.dec.step(tokens)
+
+    def drop(self, live):
+        self.slots = self.slots[live]
+        if len(self.slots) < 0.6 * self.dec.batch:
+            self.dec.keep(self.slots)
+            self.slots = torch.arange(len(self.slots))
+
+    def next(self, nxt):
+        feed = torch.full((self.dec.batch, 1), EOS_ID)
+        feed[self.slots, 0] = nxt
+        return self.dec.step(feed)[self.slots]
+
+
+def _generate(backend, start, batch, max_tokens, s, gen, keep):
+    """The one sampling loop: all rows advance together; a row leaves when it writes <eos> or fills the context."""
     tokens = start.repeat(batch, 1)
     rows = torch.arange(batch)  # original row of each live sequence
     out_tokens: list = [None] * batch
     out_lps: list = [None] * batch
     lps: list[Tensor] = []  # per step, [live, vocab]; re-indexed when rows leave
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
-        logits = model(tokens, past_kv_cache=cache)[:, -1]
-        while True:
-            nxt, lp = _choose(logits, s, gen)
+    logits = backend.first(tokens)
+    while True:
+        nxt, lp = _choose(logits, s, gen)
+        if keep:
+            lps.append(lp)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = (nxt == EOS_ID) | (tokens.shape[1] >= max_tokens)
+        for j in torch.nonzero(done).flatten().tolist():
+            out_tokens[int(rows[j])] = tokens[j].tolist()
             if keep:
-                lps.append(lp)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done = (nxt == EOS_ID) | (tokens.shape[1] >= max_tokens)
-            if done.any():
-                _finish(tokens, lps, rows, out_tokens, out_lps, keep, done)
-                live = ~done
-                if not live.any():
-                    break
-                tokens, rows, nxt = tokens[live], rows[live], nxt[live]
-                lps = [lp[live] for lp in lps]
-                for entry in cache.entries:
-                    entry.past_keys, entry.past_values = entry.past_keys[live], entry.past_values[live]
-                cache.previous_attention_mask = cache.previous_attention_mask[live]
-            logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
-    return out_tokens, out_lps
-
-
-def _run_lean(model, start, batch, max_tokens, s, gen, fwd_hooks, keep):
-    """Finished rows stay in the decoder (fed <eos>, outputs ignored) until fewer than 60% are live: compacting the
-    cache at every finished name would copy it at almost every step."""
-    from training.lean_decoder import LeanDecoder
-
-    dec = LeanDecoder(model, batch)
-    tokens = start.repeat(batch, 1)
-    rows = torch.arange(batch)  # original row of each live sequence
-    slots = torch.arange(batch)  # its row in the decoder
-    out_tokens: list = [None] * batch
-    out_lps: list = [None] * batch
-    lps: list[Tensor] = []
-    logits = dec.step(tokens)
-    while True:
-        nxt, lp = _choose(logits[slots], s, gen)
-        if keep:
-            lps.append(lp)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done = (nxt == EOS_ID) | (tokens.shape[1] >= max_tokens)
+                out_lps[int(rows[j])] = torch.stack([lp[j] for lp in lps])
         if done.any():
-            _finish(tokens, lps, rows, out_tokens, out_lps, keep, done)
             live = ~done
             if not live.any():
-                break
-            tokens, rows, nxt, slots = tokens[live], rows[live], nxt[live], slots[live]
+                return out_tokens, out_lps
+            tokens, rows, nxt = tokens[live], rows[live], nxt[live]
             lps = [lp[live] for lp in lps]
-            if len(slots) < 0.6 * dec.batch:
-                dec.keep(slots)
-                slots = torch.arange(len(slots))
-        feed = torch.full((dec.batch, 1), EOS_ID)
-        feed[slots, 0] = nxt
-        logits = dec.step(feed)
-    return out_tokens, out_lps
-
-
-def _run_plain(model, start, batch, max_tokens, s, gen, fwd_hooks, keep):
-    if fwd_hooks:
-        raise VillesError("fwd_hooks need a HookedTransformer")
-    tokens = start.repeat(batch, 1)
-    rows = torch.arange(batch)
-    out_tokens: list = [None] * batch
-    out_lps: list = [None] * batch
-    lps: list[Tensor] = []
-    while True:
-        nxt, lp = _choose(model(tokens)[:, -1], s, gen)
-        if keep:
-            lps.append(lp)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done = (nxt == EOS_ID) | (tokens.shape[1] >= max_tokens)
-        if done.any():
-            _finish(tokens, lps, rows, out_tokens, out_lps, keep, done)
-            live = ~done
-            if not live.any():
-                break
-            tokens, rows = tokens[live], rows[live]
-            lps = [lp[live] for lp in lps]
-    return out_tokens, out_lps
+            backend.drop(live)
+        logits = backend.next(nxt)
