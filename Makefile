@@ -29,6 +29,7 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/ladder.py
+	$(BIN)/python bench/sae.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -169,7 +169,16 @@ def cmd_demo(args) -> int:
 # The shipped checkpoints' settings (`villes train transformer --out DIR` reproduces checkpoints/transformer)
 TRAIN_DEFAULTS = {
     "mlp": {"lr": 2e-3, "dropout": 0.2, "ema": 0.999, "steps": 15_000, "batch_size": 128, "eval_every": 500},
-    "transformer": {"lr": 2e-3, "dropout": 0.2, "ema": 0.999, "steps": 12_000, "eval_every": 1000, "patience": 4},
+    "transformer": {
+        "lr": 3e-3,
+        "dropout": 0.1,
+        "ema": 0.999,
+        "steps": 6_000,
+        "warmup": 200,
+        "batch_size": 128,
+        "eval_every": 500,
+        "patience": 4,
+    },
 }
 MODEL_DEFAULTS = {"mlp": {}, "transformer": {}}
 
@@ -226,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_flags(q, cls, skip=("d_vocab", "n_ctx", "seed", "dropout"), defaults=MODEL_DEFAULTS[kind])
         add_dataclass_flags(q, TrainSettings, defaults=TRAIN_DEFAULTS[kind])
         q.set_defaults(func=cmd_train)
+    from training.sae_cli import add_sae_parsers
+
+    add_sae_parsers(sub, tsub)
+    from interp.attribution_cli import add_attribute_parser
+
+    add_attribute_parser(sub)
+    from interp.dashboards import add_dashboards_parser
+
+    add_dashboards_parser(sub)
     return parser
 
 

@@ -20,8 +20,15 @@ def ladder_stage(out: Path, progress: bool) -> tuple[str, str]:
     rows, notes = ladder(load_communes(), progress=progress)
     atomic_write_json(out / "ladder.json", [dataclasses.asdict(r) for r in rows])
     table = [
-        {"level": r.level, "model": r.model, "params": r.params, "train NLL": f"{r.train_nll:.3f}",
-         "val NLL": f"{r.val_nll:.3f}", "novelty": f"{r.novelty:.0%}", "samples": ", ".join(r.samples)}
+        {
+            "level": r.level,
+            "model": r.model,
+            "params": r.params,
+            "train NLL": f"{r.train_nll:.3f}",
+            "val NLL": f"{r.val_nll:.3f}",
+            "novelty": f"{r.novelty:.0%}",
+            "samples": ", ".join(r.samples),
+        }
         for r in rows
     ]
     text = format_table(table, list(table[0])) + "".join(f"\n{n}" for n in notes)
@@ -41,9 +48,11 @@ def run_demo(out: Path | str = "out", progress: bool = True) -> str:
         timings[name] = round(time.perf_counter() - t, 1)
         texts.append(text)
         sections.append(section)
-    page = ("<!doctype html><meta charset='utf-8'><title>villes demo</title>"
-            "<style>body{font-family:system-ui,sans-serif;max-width:80em;margin:2em auto}pre{font-size:13px}</style>"
-            "<h1>villes: French commune names, generated and opened</h1>" + "".join(sections))
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>villes demo</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:80em;margin:2em auto}pre{font-size:13px}</style>"
+        "<h1>villes: French commune names, generated and opened</h1>" + "".join(sections)
+    )
     atomic_write_text(out / "index.html", page)
     atomic_write_json(out / "timings.json", timings)
     return "\n\n".join(texts) + f"\n\nwritten: {out / 'index.html'} ({json.dumps(timings)} s)"

@@ -1,0 +1,942 @@
+"""Neuron-vs-feature monosemanticity: every unit scored against the automatic concept bank (`interp.concepts`), with
+controls scored the same way.
+
+Units (kinds). `feature`: the latents of an SAE (any SAELens `SAE`) at its hook. `neuron`: every MLP neuron
+(`blocks.L.mlp.hook_post`). `residual`: the basis directions of the SAE's input space, both signs (unit i < d is +e_i,
+unit d + i is -e_i; `basis` when that hook is not a residual stream). Controls: `random_direction` (random unit
+vectors in the SAE's input space, as many as the basis units), `neuron_topk` (each layer's neurons with all but the
+k largest zeroed at every position, k = the SAE's k or its mean L0: the sparsity of the SAE without its learned
+dictionary) and `random_model_feature` (an SAE trained with the same settings on the same hook of the same
+architecture at its random initialisation). Activations are read at the bank's rows: the characters of every name
+(see `interp.concepts` for the alignment).
+
+Scores (names split in two halves A/B by a seeded permutation; concepts in canonical id order, so a reordered bank
+gives the same result):
+- Mono1, held-out best-concept F1. On A, choose the concept c* and the threshold θ (grid 0, 0.1, …, 0.9 of the unit's
+  maximum on A) that maximize F1 of "activation > θ·max" as a detector of c*; Mono1 is that detector's F1 on B. Ties
+  go to the first concept in id order, then the lower θ.
+- On B, for c*: `mass_share` (share of the positive activation mass on c*'s rows), `lift` (mass share / c*'s
+  prevalence) and `r` (point-biserial correlation of the raw activation with c*'s label).
+- Mono2, polysemanticity gain: F1(c1) / F1(c1 ∨ c2 ∨ c3) on B. On A, concepts are added greedily (each time the one,
+  with its best θ, that most raises the F1 of the union; at most `max_extra`, only while it rises) among concepts
+  *unrelated* to those already chosen: Jaccard overlap < 0.1 with each (so a different character in the same family
+  qualifies, while "last2=nt" does not extend "char=t"). 1: one concept explains the unit; low: a union of unrelated
+  concepts explains it better.
+- Flags: `dead` (active, i.e. > 0, on fewer than 15 rows of the corpus), `dense` (active on more than 10% of them).
+  Summaries leave flagged units out (the "all" rows keep the dense ones, so dense kinds such as basis directions are
+  still compared).
+- Name level: activations averaged over each name's characters, scored the same way (Mono1 only) against the
+  name-level concepts (regions): `name_concept`, `name_mono1`.
+
+Speed. Only positive activations can pass a threshold, so counting works on the (row, unit) entries with a > 0, each
+put in its threshold bin (how many grid values a/max exceeds). Label slots are merged into a few joint columns (the
+distinct combinations that occur, at most `joint_classes` each), one `bincount` per joint column gives, for every
+unit, bin and joint class, the number of entries, and concept counts are sums over joint classes. The cost is
+(active entries) × (joint columns), not rows × units × concepts × thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from interp.concepts import ConceptLabels
+from training.errors import VillesError
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+MAIN_KINDS = ("feature", "neuron", "residual", "basis")
+CONTROL_KINDS = ("random_direction", "neuron_topk", "random_model_feature")
+
+
+@dataclass(frozen=True)
+class MonoSettings:
+    n_thresholds: int = 10  # θ grid 0, 1/n, …, (n-1)/n of the unit's maximum on half A
+    split_seed: int = 0  # the A/B halves of the names
+    dead_below: int = 15  # active on fewer rows: dead
+    dense_above: float = 0.1  # active on a larger fraction of rows: dense
+    max_extra: int = 2  # Mono2: concepts added to c1 at most
+    jaccard_max: float = 0.1  # Mono2: an added concept overlaps each chosen one less than this (Jaccard)
+    unit_chunk: int = 256  # units scored together (memory: rows × chunk floats)
+    joint_classes: int = 4096  # most distinct label combinations per joint column
+    n_random: int | None = None  # random directions; None: 2 × the SAE's d_in (as many as the basis units)
+    topk: int | None = None  # neuron_topk's k; None: the SAE's k, else its mean L0 rounded
+    seed: int = 0  # random directions
+
+    def validate(self) -> None:
+        if not 1 <= self.n_thresholds <= 1000:
+            raise VillesError(f"n_thresholds must be in 1..1000, got {self.n_thresholds}")
+        if self.dead_below < 0 or not 0 < self.dense_above <= 1:
+            raise VillesError("dead_below must be >= 0 and dense_above in (0, 1]")
+        if not 0 <= self.max_extra <= 2 or not 0 < self.jaccard_max <= 1:
+            raise VillesError("max_extra must be in 0..2 and jaccard_max in (0, 1]")
+        if self.unit_chunk <= 0 or self.joint_classes <= 0:
+            raise VillesError("unit_chunk and joint_classes must be positive")
+        if self.n_random is not None and self.n_random < 0:
+            raise VillesError(f"n_random must be >= 0, got {self.n_random}")
+        if self.topk is not None and self.topk <= 0:
+            raise VillesError(f"topk must be positive, got {self.topk}")
+
+
+# --- units ----------------------------------------------------------------------------------------------------------
+@dataclass
+class UnitSet:
+    """Units of one kind at one hook, produced a chunk of units at a time (rows: the bank's positions)."""
+
+    kind: str
+    hook: str
+    n_units: int
+    chunk: Callable[[int, int], Float[Tensor, "row unit"]]
+    names: Callable[[int], str] = field(default=lambda i: str(i))
+    n_entries: int = 0  # sparse sets: stored nonzero activations
+    ordered: bool = False  # rows come in a Scorer's order (half A, then half B) rather than the bank's
+
+    @classmethod
+    def dense(cls, kind: str, hook: str, acts: Float[Tensor, "row unit"]) -> UnitSet:
+        return cls(kind, hook, acts.shape[1], lambda s, e: acts[:, s:e].float())
+
+    @classmethod
+    def projection(
+        cls, kind: str, hook: str, x: Float[Tensor, "row d"], directions: Float[Tensor, "d unit"], names=None
+    ) -> UnitSet:
+        return cls(kind, hook, directions.shape[1], lambda s, e: x @ directions[:, s:e], names or (lambda i: str(i)))
+
+    @classmethod
+    def sparse(cls, kind: str, hook: str, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_units: int):
+        """From (row, unit, value) entries; chunks are densified on demand."""
+        order = torch.argsort(cols, stable=True)
+        rows, cols, vals = rows[order], cols[order], vals[order]
+
+        def chunk(s: int, e: int) -> Tensor:
+            lo, hi = (int(i) for i in torch.searchsorted(cols, torch.tensor([s, e])))
+            out = torch.zeros(n_rows, e - s)
+            out[rows[lo:hi], cols[lo:hi] - s] = vals[lo:hi]
+            return out
+
+        return cls(kind, hook, n_units, chunk, n_entries=len(vals))
+
+
+def _as_units(acts) -> UnitSet:
+    if isinstance(acts, UnitSet):
+        return acts
+    if isinstance(acts, Tensor) and acts.ndim == 2:
+        return UnitSet.dense("unit", "", acts)
+    raise VillesError("activations must be a [rows, units] tensor or a UnitSet")
+
+
+# --- the scoring core -----------------------------------------------------------------------------------------------
+@dataclass
+class _Half:
+    rows: Tensor  # row indices of the half
+    dense: Bool[Tensor, "row concept"]  # for per-entry lookups
+    slots: Int[Tensor, "row slot"]
+    pos: Tensor  # concept counts on the half (int64)
+    members: Tensor  # the half's rows of each concept, concept after concept (see ptr)
+    ptr: Tensor  # members[ptr[c]:ptr[c + 1]] are concept c's rows
+
+    @classmethod
+    def of(cls, rows: Tensor, dense: Tensor, slots: Tensor, n_concepts: int) -> _Half:
+        local = slots[rows]
+        r, k = (local >= 0).nonzero(as_tuple=True)
+        c = local[r, k].long()
+        order = torch.argsort(c * len(rows) + r)
+        pos = torch.bincount(c, minlength=n_concepts)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), pos.cumsum(0)])
+        return cls(rows, dense[rows], local, pos, r[order], ptr)
+
+    def rows_of(self, c: int) -> Tensor:
+        return self.members[self.ptr[c] : self.ptr[c + 1]]
+
+
+@dataclass
+class _Entries:
+    """The positive activations of a chunk on one half: row (in the half), unit, threshold bin (1..G: how many grid
+    values a/max exceeds), value."""
+
+    n: Tensor
+    u: Tensor
+    bin: Tensor
+    val: Tensor
+
+    @classmethod
+    def of(cls, x: Float[Tensor, "row unit"], scale: Float[Tensor, "unit"], G: int) -> _Entries:
+        U = x.shape[1]
+        flat = (x > 0).view(-1).nonzero().squeeze(1)
+        n, u = flat // U, flat % U
+        val = x.view(-1)[flat]
+        # fired at θ_j = j/G (a > θ_j · max)  iff  bin > j; above the maximum of A (on B) the bin stays G
+        bins = torch.ceil(val * scale[u]).clamp_(1, G).long()
+        return cls(n, u, bins, val)
+
+
+class Scorer:
+    """Everything about the labels that does not depend on the units: halves, joint columns, co-occurrences."""
+
+    def __init__(self, labels: ConceptLabels, groups: Int[Tensor, "row"], settings: MonoSettings = MonoSettings()):
+        settings.validate()
+        if groups.shape != (labels.n_rows,):
+            raise VillesError(f"{labels.n_rows} label rows but {tuple(groups.shape)} name ids")
+        if labels.n_concepts == 0:
+            raise VillesError("the concept bank is empty")
+        self.settings = settings
+        order = sorted(range(labels.n_concepts), key=lambda i: labels.ids[i])  # canonical: bank order is irrelevant
+        self.labels = labels.select(order)
+        self.ids, self.families = self.labels.ids, self.labels.families
+        self.n_rows, self.C = labels.n_rows, labels.n_concepts
+        self.G = settings.n_thresholds
+        groups = groups.long()
+        if groups.numel() and int(groups.min()) < 0:
+            raise VillesError("name ids must be >= 0")
+        uniq = torch.unique(groups)
+        if len(uniq) < 2:
+            raise VillesError("scoring needs at least two names (one per half)")
+        gen = torch.Generator().manual_seed(settings.split_seed)
+        half_a = uniq[torch.randperm(len(uniq), generator=gen)[: len(uniq) // 2]]
+        is_a = torch.zeros(int(groups.max()) + 1, dtype=torch.bool)
+        is_a[half_a] = True
+        in_a = is_a[groups]
+        self.in_a = in_a
+        dense = self.labels.dense()
+        slots = self.labels.slots
+        self.halves = {
+            key: _Half.of(mask.nonzero().squeeze(1), dense, slots, self.C) for key, mask in (("A", in_a), ("B", ~in_a))
+        }
+        # rows of half A, then of half B: activations in this order are split by views, not copies
+        self.order = torch.cat([self.halves["A"].rows, self.halves["B"].rows])
+        a = self.halves["A"]
+        self.joint = _joint_columns(a.slots, settings.joint_classes)
+        self.cooc = _cooccurrence(self.joint, self.C)  # [C, C] rows shared on A
+        pos = a.pos.double()
+        union = pos[:, None] + pos[None, :] - self.cooc.double()
+        self.jaccard = torch.where(union > 0, self.cooc.double() / union.clamp(min=1), torch.zeros(()))
+
+    # -- counting
+    def histogram(self, classes: list[Tensor], ubin: Tensor, n_units: int) -> Int[Tensor, "concept unit bin"]:
+        """Entries of half A (their joint classes, and unit * G + bin - 1) counted per concept: H[c, u, b]."""
+        width = n_units * self.G
+        out = torch.zeros(self.C, width, dtype=torch.long)
+        for cls_, (_, k, pair_k, pair_c) in zip(classes, self.joint, strict=True):
+            counts = torch.bincount(cls_ * width + ubin, minlength=k * width).view(k, width)
+            out.index_add_(0, pair_c, counts[pair_k])
+        return out.view(self.C, n_units, self.G)
+
+    def triple(self, c1: Tensor, c2: Tensor) -> Int[Tensor, "pair concept"]:
+        """|c1 ∧ c2 ∧ c| on A for each (c1, c2) pair."""
+        a = self.halves["A"]
+        out = torch.zeros(len(c1), self.C, dtype=torch.long)
+        for i, (x, y) in enumerate(zip(c1.tolist(), c2.tolist(), strict=True)):
+            rx, ry = a.rows_of(x), a.rows_of(y)
+            both = rx[torch.isin(rx, ry)]
+            s = a.slots[both]
+            out[i] = torch.bincount(s[s >= 0].long(), minlength=self.C)
+        return out
+
+    def union_count(self, chosen: Int[Tensor, "unit k"]) -> Tensor:
+        """|c1 ∨ c2 ∨ …| on B for each unit's chosen concepts (-1: none)."""
+        b = self.halves["B"]
+        out = b.pos[chosen[:, 0].clamp(min=0)].clone()
+        multi = (chosen[:, 1:] >= 0).any(1)
+        if bool(multi.any()):
+            tuples, which = torch.unique(chosen[multi], dim=0, return_inverse=True)
+            sizes = torch.tensor(
+                [torch.unique(torch.cat([b.rows_of(c) for c in t.tolist() if c >= 0])).numel() for t in tuples],
+                dtype=torch.long,
+            )
+            out[multi] = sizes[which]
+        return out
+
+    # -- one chunk of units
+    def score_chunk(self, acts: Float[Tensor, "row unit"], greedy: bool = True, ordered: bool = False):
+        """Scores of a chunk of units (rows in bank order, or in `self.order` when `ordered`): a dict of tensors."""
+        G, C = self.G, self.C
+        acts = acts.float()
+        if not ordered:
+            acts = acts.index_select(0, self.order)
+        acts = acts.contiguous()
+        U = acts.shape[1]
+        A, B = self.halves["A"], self.halves["B"]
+        xa, xb = acts[: len(A.rows)], acts[len(A.rows) :]
+        top = xa.amax(0)
+        scorable = top > 0
+        scale = torch.where(scorable, G / top.clamp(min=1e-30), torch.zeros(()))
+        ea = _Entries.of(xa, scale, G)
+        eb = _Entries.of(xb, scale, G)
+        n_active = torch.bincount(ea.u, minlength=U) + torch.bincount(eb.u, minlength=U)
+
+        # half A: c1 and θ1
+        ubin = ea.u * G + ea.bin - 1
+        classes = [code[ea.n] for code, *_ in self.joint]
+        fired = _rev_cumsum(torch.bincount(ubin, minlength=U * G).view(U, G))  # P[u, j]
+        tp = _rev_cumsum(self.histogram(classes, ubin, U))  # [C, U, G]
+        pos = A.pos.double()
+        f1 = 2 * tp.double() / (fired.double()[None] + pos[:, None, None]).clamp(min=1)
+        f1[pos == 0] = -1.0
+        best = f1.permute(1, 0, 2).reshape(U, C * G).argmax(1)
+        c1, j1 = best // G, best % G
+        uu = torch.arange(U)
+        f1_a = f1[c1, uu, j1]
+        chosen = torch.full((U, 1 + self.settings.max_extra), -1, dtype=torch.long)
+        chosen[:, 0] = c1
+        j_union = j1.clone()
+        f1_union_a = f1_a.clone()
+
+        # half A: Mono2's greedy union
+        if greedy and self.settings.max_extra:
+            tp_s = tp[c1, uu].double()  # [U, G] TP of the union so far
+            pos_s = pos[c1].clone()
+            active = scorable.clone()
+            for step in range(1, 1 + self.settings.max_extra):
+                if not bool(active.any()):
+                    break
+                prior = chosen[:, :step]
+                inside = A.dense[ea.n, prior[ea.u, 0]]
+                for s in range(1, step):
+                    inside |= A.dense[ea.n, prior[ea.u, s]]
+                keep = (~inside).nonzero().squeeze(1)
+                kept = [k.index_select(0, keep) for k in classes]
+                x = _rev_cumsum(self.histogram(kept, ubin.index_select(0, keep), U)).double()
+                inter = self.cooc[prior[:, 0]].double()  # [U, C]: |c ∧ (union so far)|
+                allowed = (self.jaccard[prior[:, 0]] < self.settings.jaccard_max) & (pos > 0)[None]
+                for s in range(1, step):  # |c ∧ (c1 ∨ c2)| = |c ∧ c1| + |c ∧ c2| - |c ∧ c1 ∧ c2|
+                    inter += self.cooc[prior[:, s]].double()
+                    allowed &= self.jaccard[prior[:, s]] < self.settings.jaccard_max
+                if step == 2:
+                    pairs, which = torch.unique(prior[active], dim=0, return_inverse=True)
+                    inter[active] -= self.triple(pairs[:, 0], pairs[:, 1]).double()[which]
+                denom = fired.double()[None] + (pos_s[:, None] + pos[None, :] - inter).T[:, :, None]
+                cand = 2 * (tp_s[None] + x) / denom.clamp(min=1)  # [C, U, G]
+                cand[~allowed.T] = -1.0
+                best = cand.permute(1, 0, 2).reshape(U, C * G).argmax(1)
+                c, j = best // G, best % G
+                take = active & (cand[c, uu, j] > f1_union_a + 1e-12)
+                chosen[take, step] = c[take]
+                j_union = torch.where(take, j, j_union)
+                f1_union_a = torch.where(take, cand[c, uu, j], f1_union_a)
+                tp_s = torch.where(take[:, None], tp_s + x[c, uu], tp_s)
+                pos_s = torch.where(take, pos_s + pos[c] - inter[uu, c], pos_s)
+                active &= take
+
+        # held-out half B, from its entries (only positive activations can fire)
+        lab1 = B.dense[eb.n, c1[eb.u]]
+        mono1 = _f1_counts(eb.u, (eb.bin > j1[eb.u]) & lab1, eb.bin > j1[eb.u], B.pos[c1], U)
+        lab_u = lab1.clone()
+        for s in range(1, chosen.shape[1]):
+            extra = chosen[eb.u, s]
+            lab_u |= B.dense[eb.n, extra.clamp(min=0)] & (extra >= 0)
+        fire_u = eb.bin > j_union[eb.u]
+        f1_union_b = _f1_counts(eb.u, fire_u & lab_u, fire_u, self.union_count(chosen), U)
+        mono2 = torch.where(f1_union_b > 0, mono1 / f1_union_b.clamp(min=1e-30), torch.full_like(mono1, float("nan")))
+        mass = torch.bincount(eb.u, weights=eb.val.double(), minlength=U)
+        mass_in = torch.bincount(eb.u[lab1], weights=eb.val[lab1].double(), minlength=U)
+        share = mass_in / mass.clamp(min=1e-30)
+        prevalence = B.pos[c1].double() / max(len(B.rows), 1)
+        lift = share / prevalence.clamp(min=1e-30)
+        r = self._point_biserial(xb, c1)
+        nan = torch.full((U,), float("nan"), dtype=torch.float64)
+        return {
+            "n_active": n_active,
+            "density": n_active.double() / acts.shape[0],
+            "max_a": top.double(),
+            "concept": torch.where(scorable, c1, torch.full_like(c1, -1)),
+            "theta": torch.where(scorable, j1.double() / G, nan),
+            "f1_a": torch.where(scorable, f1_a, nan),
+            "mono1": torch.where(scorable, mono1, nan),
+            "mono2": torch.where(scorable, mono2, nan),
+            "union": torch.where(scorable[:, None], chosen, torch.full_like(chosen, -1)),
+            "theta_union": torch.where(scorable, j_union.double() / G, nan),
+            "f1_union_a": torch.where(scorable, f1_union_a, nan),
+            "f1_union_b": torch.where(scorable, f1_union_b, nan),
+            "mass_share": torch.where(scorable, share, nan),
+            "lift": torch.where(scorable, lift, nan),
+            "r": torch.where(scorable, r, nan),
+        }
+
+    def _point_biserial(self, xb: Float[Tensor, "row unit"], c1: Tensor) -> Float[Tensor, "unit"]:
+        """Pearson correlation of each unit's activation on B with its c1 label (centred sums: float32 is enough
+        for the squares; the label side is a sum over the concept's rows only)."""
+        B = self.halves["B"]
+        n = xb.shape[0]
+        mean32 = xb.sum(0) / n
+        var = (xb - mean32).square_().sum(0).double() / n  # (torch.var_mean over dim 0 is several times slower)
+        mean = mean32.double()
+        in_c = torch.zeros(xb.shape[1], dtype=torch.float64)
+        for c in torch.unique(c1).tolist():
+            units = (c1 == c).nonzero().squeeze(1)
+            rows = B.rows_of(c)
+            in_c[units] = xb[rows][:, units].double().sum(0)
+        p = B.pos[c1].double() / n
+        cov = in_c / n - mean * p
+        denom = (var * p * (1 - p)).sqrt()
+        return torch.where(denom > 1e-12, cov / denom.clamp(min=1e-30), torch.zeros_like(cov))
+
+
+def _f1_counts(u: Tensor, hit: Tensor, fired: Tensor, positives: Tensor, U: int) -> Float[Tensor, "unit"]:
+    tp = torch.bincount(u[hit], minlength=U).double()
+    denom = torch.bincount(u[fired], minlength=U).double() + positives.double()
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+
+
+def _rev_cumsum(x: Tensor) -> Tensor:
+    """Sum over bins >= j along the last axis."""
+    return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def _dense_inverse(x: Tensor) -> tuple[int, Tensor]:
+    """(number of distinct values, index of each value among them) for small non-negative integers: a lookup table
+    instead of torch.unique's sort."""
+    present = torch.bincount(x) > 0
+    remap = present.long().cumsum(0) - 1
+    return int(present.sum()), remap[x]
+
+
+def _joint_columns(slots: Int[Tensor, "row slot"], limit: int) -> list[tuple[Tensor, int, Tensor, Tensor]]:
+    """Merge consecutive slot columns while their distinct combinations stay <= limit. Each joint column is
+    (class of each row, number of classes, pairs (class, concept) saying which concepts a class carries)."""
+    out = []
+    cols: list[int] = []
+    code = None
+
+    def close(cols: list[int], code: Tensor) -> None:
+        k = int(code.max()) + 1
+        rep = torch.zeros(k, dtype=torch.long).scatter_(0, code, torch.arange(len(code)))
+        pk, pc = [], []
+        for col in cols:
+            vals = slots[rep, col].long()
+            keep = vals >= 0
+            pk.append(torch.arange(k)[keep])
+            pc.append(vals[keep])
+        out.append((code, k, torch.cat(pk), torch.cat(pc)))
+
+    for s in range(slots.shape[1]):
+        v = slots[:, s].long() + 1
+        if code is None:
+            code, cols = _dense_inverse(v)[1], [s]
+            continue
+        k, inverse = _dense_inverse(code * (int(v.max()) + 1) + v)
+        if k > limit:
+            close(cols, code)
+            code, cols = _dense_inverse(v)[1], [s]
+        else:
+            code = inverse
+            cols.append(s)
+    if code is not None:
+        close(cols, code)
+    return out
+
+
+def _membership(k: int, pair_k: Tensor, pair_c: Tensor, n_concepts: int) -> Float[Tensor, "cls concept"]:
+    m = torch.zeros(k, n_concepts)
+    m[pair_k, pair_c] = 1.0
+    return m
+
+
+def _cooccurrence(joint: list[tuple[Tensor, int, Tensor, Tensor]], n_concepts: int) -> Int[Tensor, "concept concept"]:
+    """Rows shared by every pair of concepts, from the joint columns: for columns g, h, the number of rows in each
+    (class of g, class of h) pair, mapped to concepts through the classes' memberships. (float32 is exact here: every
+    sum is a count of rows, far below 2**24.)"""
+    out = torch.zeros(n_concepts, n_concepts)
+    members = [_membership(k, pk, pc, n_concepts) for _, k, pk, pc in joint]
+    for g, (code_g, k_g, _, _) in enumerate(joint):
+        sizes = torch.bincount(code_g, minlength=k_g).float()
+        out += (members[g] * sizes[:, None]).T @ members[g]
+        for h in range(g + 1, len(joint)):
+            code_h, k_h = joint[h][0], joint[h][1]
+            pairs = torch.bincount(code_g * k_h + code_h, minlength=k_g * k_h).view(k_g, k_h).float()
+            cross = members[g].T @ (pairs @ members[h])
+            out += cross + cross.T
+    return out.round().long()
+
+
+# --- scoring units against labels -----------------------------------------------------------------------------------
+ROW_FIELDS = (
+    "kind", "hook", "index", "unit", "concept", "family", "theta", "mono1", "f1_a", "mono2", "union", "theta_union",
+    "mass_share", "lift", "r", "n_active", "density", "flags", "name_concept", "name_theta", "name_mono1",
+)  # fmt: skip
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="unit", disable=not enabled, leave=False)
+
+
+def score(
+    acts: Float[Tensor, "row unit"] | UnitSet | Sequence[UnitSet],
+    labels: ConceptLabels | Bool[Tensor, "row concept"],
+    name_ids: Int[Tensor, "row"],
+    *,
+    concept_ids: Sequence[str] | None = None,
+    families: Sequence[str] | None = None,
+    name_labels: ConceptLabels | None = None,
+    settings: MonoSettings = MonoSettings(),
+    scorer: Scorer | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """One row per unit (see ROW_FIELDS): Mono1, Mono2, mass share, lift, r, flags, and the name-level concept when
+    `name_labels` (rows: names 0..n-1, the ids in `name_ids`) is given.
+
+    `acts` is a [rows, units] tensor, a UnitSet or several; `labels` a ConceptLabels or a boolean [rows, concepts]
+    matrix with `concept_ids` (and optionally `families`); rows are positions, `name_ids` their name. A UnitSet with
+    `ordered` gives its rows in `scorer.order` (pass that `scorer`, built on the same labels, name ids and settings)."""
+    if isinstance(labels, Tensor):
+        if concept_ids is None:
+            raise VillesError("a label matrix needs concept_ids")
+        labels = ConceptLabels.from_dense(labels, concept_ids, families)
+    unit_sets = [acts] if isinstance(acts, UnitSet | Tensor) else list(acts)
+    unit_sets = [_as_units(u) for u in unit_sets]
+    name_ids = name_ids.long()
+    for us in unit_sets:
+        probe = us.chunk(0, min(1, us.n_units))
+        if probe.shape[0] != labels.n_rows:
+            raise VillesError(f"{us.kind} activations have {probe.shape[0]} rows but the labels have {labels.n_rows}")
+        if not torch.isfinite(probe).all():
+            raise VillesError(f"{us.kind} activations hold NaN or infinite values")
+    scorer = scorer or Scorer(labels, name_ids, settings)
+    if any(us.ordered for us in unit_sets) and scorer.n_rows != labels.n_rows:
+        raise VillesError("ordered activations need the scorer of these labels")
+    name_scorer = None
+    n_names = int(name_ids.max()) + 1
+    if name_labels is not None and name_labels.n_concepts:
+        if name_labels.n_rows != n_names:
+            raise VillesError(f"{name_labels.n_rows} name-level label rows but {n_names} names")
+        name_scorer = Scorer(name_labels, torch.arange(n_names), settings)
+        lengths = torch.bincount(name_ids, minlength=n_names).clamp(min=1).float()
+    rows: list[dict] = []
+    with _progress(sum(u.n_units for u in unit_sets), "scoring units", progress) as bar:
+        for us in unit_sets:
+            for start in range(0, us.n_units, settings.unit_chunk):
+                stop = min(start + settings.unit_chunk, us.n_units)
+                chunk = us.chunk(start, stop)
+                if not torch.isfinite(chunk).all():
+                    raise VillesError(f"{us.kind} activations hold NaN or infinite values")
+                out = scorer.score_chunk(chunk, ordered=us.ordered)
+                name_out = None
+                if name_scorer is not None:
+                    ids = name_ids[scorer.order] if us.ordered else name_ids
+                    means = torch.zeros(n_names, chunk.shape[1]).index_add_(0, ids, chunk) / lengths[:, None]
+                    name_out = name_scorer.score_chunk(means, greedy=False)
+                del chunk
+                rows += _rows(us, start, out, scorer, name_out, name_scorer, settings)
+                bar.update(stop - start)
+    return rows
+
+
+def _rows(us: UnitSet, start: int, out: dict, scorer: Scorer, name_out, name_scorer, settings) -> list[dict]:
+    def num(x) -> float | None:
+        x = float(x)
+        return None if math.isnan(x) else round(x, 6)
+
+    rows = []
+    for i in range(len(out["mono1"])):
+        c = int(out["concept"][i])
+        n_active, density = int(out["n_active"][i]), float(out["density"][i])
+        flags = "dead" if n_active < settings.dead_below else "dense" if density > settings.dense_above else ""
+        union = [scorer.ids[int(k)] for k in out["union"][i] if int(k) >= 0]
+        row = {
+            "kind": us.kind,
+            "hook": us.hook,
+            "index": start + i,
+            "unit": us.names(start + i),
+            "concept": scorer.ids[c] if c >= 0 else None,
+            "family": scorer.families[c] if c >= 0 else None,
+            "theta": num(out["theta"][i]),
+            "mono1": num(out["mono1"][i]),
+            "f1_a": num(out["f1_a"][i]),
+            "mono2": num(out["mono2"][i]),
+            "union": " | ".join(union) if union else None,
+            "theta_union": num(out["theta_union"][i]),
+            "mass_share": num(out["mass_share"][i]),
+            "lift": num(out["lift"][i]),
+            "r": num(out["r"][i]),
+            "n_active": n_active,
+            "density": round(density, 6),
+            "flags": flags,
+            "name_concept": None,
+            "name_theta": None,
+            "name_mono1": None,
+        }
+        if name_out is not None:
+            nc = int(name_out["concept"][i])
+            row["name_concept"] = name_scorer.ids[nc] if nc >= 0 else None
+            row["name_theta"] = num(name_out["theta"][i])
+            row["name_mono1"] = num(name_out["mono1"][i])
+        rows.append(row)
+    return rows
+
+
+# --- summaries ------------------------------------------------------------------------------------------------------
+def _quartiles(values: list[float]) -> tuple[float, float, float] | None:
+    if not values:
+        return None
+    q = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return tuple(float(v) for v in q)
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Per (kind, hook): counts, flags and the distribution of the scores over the unflagged units ("scored"); the
+    "all" columns keep dense units too (only dead ones and units never active on half A are left out)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["hook"]), []).append(r)
+    order = {k: i for i, k in enumerate((*MAIN_KINDS, *CONTROL_KINDS))}
+    out = []
+    for (kind, hook), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
+        scored = [r for r in rs if not r["flags"] and r["mono1"] is not None]
+        live = [r for r in rs if r["flags"] != "dead" and r["mono1"] is not None]
+        entry = {
+            "kind": kind,
+            "hook": hook,
+            "control": kind in CONTROL_KINDS,
+            "units": len(rs),
+            "dead": sum(r["flags"] == "dead" for r in rs),
+            "dense": sum(r["flags"] == "dense" for r in rs),
+            "scored": len(scored),
+        }
+        for key in ("mono1", "mono2", "r", "mass_share", "lift"):
+            entry[key] = _quartiles([r[key] for r in scored if r[key] is not None])
+        entry["mono1_ge_0.5"] = sum(r["mono1"] >= 0.5 for r in scored) / len(scored) if scored else None
+        entry["mono1_all"] = _quartiles([r["mono1"] for r in live])
+        entry["mono2_all"] = _quartiles([r["mono2"] for r in live if r["mono2"] is not None])
+        entry["density_median"] = _quartiles([r["density"] for r in live])[1] if live else None
+        out.append(entry)
+    return out
+
+
+def format_summary(summary: Sequence[dict]) -> str:
+    from training.cli import format_table
+
+    def q(v) -> str:
+        return "-" if v is None else f"{v[1]:.2f} [{v[0]:.2f}-{v[2]:.2f}]"
+
+    table = [
+        {
+            "kind": ("(control) " if s["control"] else "") + s["kind"],
+            "hook": s["hook"],
+            "units": s["units"],
+            "dead": s["dead"],
+            "dense": s["dense"],
+            "Mono1": q(s["mono1"]),
+            "Mono2": q(s["mono2"]),
+            "r": q(s["r"]),
+            "Mono1>=.5": "-" if s["mono1_ge_0.5"] is None else f"{s['mono1_ge_0.5']:.0%}",
+            "Mono1 (all)": q(s["mono1_all"]),
+            "Mono2 (all)": q(s["mono2_all"]),
+        }
+        for s in summary
+    ]
+    cols = ["kind", "hook", "units", "dead", "dense", "Mono1", "Mono2", "r", "Mono1>=.5", "Mono1 (all)", "Mono2 (all)"]
+    return format_table(table, cols)
+
+
+# --- activations of a model at the bank's rows ----------------------------------------------------------------------
+def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
+    """Run blocks only up to the last one a hook needs (later blocks cannot change it)."""
+    import re
+
+    layers = []
+    for h in hooks:
+        m = re.match(r"blocks\.(\d+)\.", h)
+        if not m:
+            return None  # e.g. ln_final or unembed hooks: the whole model
+        layers.append(int(m.group(1)) + 1)
+    stop = max(layers)
+    return None if stop >= n_layers else stop
+
+
+@torch.no_grad()
+def collect(
+    model: HookedTransformer, names: Sequence[str], hooks: Sequence[str], batch_size: int = 1024, progress: bool = False
+) -> dict[str, Float[Tensor, "pos d"]]:
+    """Each hook's activations at every character position of `names`, in corpus order (name 0's characters, then
+    name 1's, …: the rows of `interp.concepts.build_bank(names)`), from one forward pass per batch of names."""
+    from tqdm.auto import tqdm
+
+    from training.sae import char_tokenizer, hook_width, sae_positions
+
+    tok = char_tokenizer(model)
+    hooks = list(dict.fromkeys(hooks))
+    widths = {h: hook_width(model, h) for h in hooks}
+    lengths = torch.tensor([len(n) for n in names])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    total = int(lengths.sum())
+    out = {h: torch.empty(total, widths[h]) for h in hooks}
+    stop = _stop_layer(hooks, model.cfg.n_layers)
+    order = sorted(range(len(names)), key=lambda i: len(names[i]))  # similar lengths together: little padding
+    for start in tqdm(range(0, len(order), batch_size), desc="activations", disable=not progress, leave=False):
+        idx = torch.tensor(order[start : start + batch_size])
+        tokens = tok.batch([names[i] for i in idx.tolist()])
+        _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop)
+        mask = sae_positions(tokens)
+        row, col = mask.nonzero(as_tuple=True)
+        dest = offsets[idx][row] + col - 1  # column 0 is <bos>
+        for h in hooks:
+            out[h][dest] = cache[h][mask].float()
+    return out
+
+
+def sae_units(kind: str, sae: SAE, x: Float[Tensor, "row d_in"], chunk: int = 65536) -> UnitSet:
+    """An SAE's latents on activations x, kept sparse (latents are zero almost everywhere)."""
+    rows, cols, vals = [], [], []
+    with torch.no_grad():
+        for s in range(0, x.shape[0], chunk):
+            f = sae.encode(x[s : s + chunk].to(sae.W_enc.dtype)).float()
+            if f.is_sparse:
+                f = f.to_dense()
+            r, c = (f != 0).nonzero(as_tuple=True)
+            rows.append(r + s)
+            cols.append(c)
+            vals.append(f[r, c])
+    hook = sae.cfg.metadata.hook_name or ""
+    return UnitSet.sparse(kind, hook, torch.cat(rows), torch.cat(cols), torch.cat(vals), x.shape[0], sae.cfg.d_sae)
+
+
+def topk_units(kind: str, hook: str, acts: Float[Tensor, "row unit"], k: int) -> UnitSet:
+    """The units with all but the k largest zeroed at every row (values <= 0 count as inactive anyway)."""
+    k = min(k, acts.shape[1])
+    vals, cols = acts.topk(k, dim=1)
+    rows = torch.arange(acts.shape[0]).unsqueeze(1).expand_as(cols)
+    keep = vals > 0
+    return UnitSet.sparse(kind, hook, rows[keep], cols[keep], vals[keep], acts.shape[0], acts.shape[1])
+
+
+def basis_units(kind: str, hook: str, x: Float[Tensor, "row d"]) -> UnitSet:
+    """+e_i for i < d, -e_(i-d) after: both signs of every basis direction."""
+    d = x.shape[1]
+
+    def chunk(s: int, e: int) -> Tensor:
+        idx = torch.arange(s, e)
+        sign = torch.where(idx < d, 1.0, -1.0)
+        return x[:, idx % d] * sign
+
+    return UnitSet(kind, hook, 2 * d, chunk, lambda i: f"+{i}" if i < d else f"-{i - d}")
+
+
+def random_directions(d: int, n: int, seed: int) -> Float[Tensor, "d unit"]:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(d, n, generator=gen)
+    return v / v.norm(dim=0, keepdim=True)
+
+
+def mlp_hooks(model: HookedTransformer) -> list[str]:
+    return [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers) if not model.cfg.attn_only]
+
+
+def _sae_k(sae: SAE, entries: int, rows: int) -> int:
+    k = getattr(sae.cfg, "k", None)
+    return int(round(k)) if k else max(1, int(round(entries / max(rows, 1))))
+
+
+# --- the SAE control: same settings, same hook, the model at its random initialisation ------------------------------
+def random_model(model: HookedTransformer) -> HookedTransformer:
+    """The same architecture, freshly initialised with the config's seed (for a villes checkpoint, the very
+    initialisation its training started from); the tokenizer is shared."""
+    import copy
+    import warnings
+
+    from transformer_lens import HookedTransformer
+
+    cfg = copy.deepcopy(model.cfg)
+    torch.manual_seed(cfg.seed if cfg.seed is not None else 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+        fresh = HookedTransformer(cfg, tokenizer=model.tokenizer, move_to_device=False)
+    fresh.eval()
+    return fresh
+
+
+def control_settings(sae: SAE, tokens: int | None = None):
+    """The SAESettings the SAE was trained with (recorded by training.sae), else the closest ones its config gives."""
+    from dataclasses import fields, replace
+
+    from training.sae import SAESettings
+
+    recorded = sae.cfg.metadata.get("villes_settings") if hasattr(sae.cfg.metadata, "get") else None
+    if isinstance(recorded, dict):
+        known = {f.name for f in fields(SAESettings)}
+        settings = SAESettings(**{k: v for k, v in recorded.items() if k in known})
+    else:
+        arch = sae.cfg.architecture()
+        arch = arch if arch in ("standard", "topk", "jumprelu") else "topk"
+        k = getattr(sae.cfg, "k", None)
+        settings = SAESettings(arch=arch, d_sae=sae.cfg.d_sae, k=float(k) if k and arch != "standard" else None)
+    settings = replace(settings, hook=sae.cfg.metadata.hook_name, d_sae=sae.cfg.d_sae)
+    return replace(settings, tokens=tokens) if tokens else settings
+
+
+SHAPE_KEYS = (
+    "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn", "normalization_type",
+    "positional_embedding_type", "gated_mlp", "seed",
+)  # fmt: skip
+
+
+def _control_key(model: HookedTransformer, settings) -> dict:
+    from dataclasses import asdict
+
+    cfg = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dict(vars(model.cfg))
+    shape = {k: cfg.get(k) for k in SHAPE_KEYS}
+    return {"model_shape": shape, "sae_settings": asdict(settings)}
+
+
+def load_or_train_control_sae(
+    model: HookedTransformer,
+    sae: SAE,
+    train_names: Sequence[str],
+    folder: Path | str,
+    tokens: int | None = None,
+    progress: bool = False,
+) -> tuple[SAE, bool]:
+    """The control SAE in `folder` if it was trained for this model shape and these settings, else train it there
+    (atomically). Returns (sae, trained_now)."""
+    import json
+    import shutil
+    import tempfile
+
+    from training.sae import collect_activations, load_sae, train_sae
+    from training.tokenizer import replace_dir
+
+    folder = Path(folder)
+    settings = control_settings(sae, tokens)
+    key = _control_key(model, settings)
+    fresh = random_model(model)
+    if (folder / "cfg.json").is_file():
+        try:
+            recorded = json.loads((folder / "cfg.json").read_text(encoding="utf-8"))["metadata"].get("villes_control")
+        except (OSError, ValueError, KeyError, AttributeError):
+            recorded = None
+        if recorded == json.loads(json.dumps(key)):
+            return load_sae(folder, fresh), False
+    acts = collect_activations(fresh, list(train_names), settings.hook)
+    metadata = {
+        "model_name": "villes/random-init",
+        "hook_name": settings.hook,
+        "context_size": model.cfg.n_ctx,
+        "prepend_bos": True,
+        "villes_positions": "characters (not <bos>, <eos> or padding): training.sae.sae_positions",
+        "villes_control": key,
+    }
+    trained, _ = train_sae(acts, settings, metadata, progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        trained.save_inference_model(tmp)
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_sae(folder, fresh), True
+
+
+# --- everything for one model (+ SAE) -------------------------------------------------------------------------------
+@dataclass
+class Report:
+    rows: list[dict]
+    summary: list[dict]
+    bank: dict  # concepts (id, family, level, count) and aliases
+    info: dict  # model, SAE, settings, timings
+
+
+def monosemanticity(
+    model: HookedTransformer,
+    sae: SAE | None,
+    names: Sequence[str],
+    regions: Sequence[str] | None = None,
+    *,
+    control_sae: SAE | None = None,
+    settings: MonoSettings = MonoSettings(),
+    bank_settings=None,
+    controls: bool = True,
+    progress: bool = False,
+) -> Report:
+    """Score the SAE's features, every MLP neuron and the basis of the SAE's hook (± each direction) against the
+    concept bank of `names`, with the controls (random directions, top-k neurons, `control_sae`'s features when
+    given). Without an SAE, the basis and random directions are taken at the last residual stream."""
+    import time
+
+    from interp.concepts import BankSettings, build_bank
+    from training.sae import check_sae_fits, default_hook
+
+    settings.validate()
+    wall, cpu = {}, {}
+
+    def clock(key: str, since: tuple[float, float]) -> tuple[float, float]:
+        now = (time.perf_counter(), time.process_time())
+        wall[key], cpu[key] = now[0] - since[0], now[1] - since[1]
+        return now
+
+    t = (time.perf_counter(), time.process_time())
+    bank = build_bank(names, regions, bank_settings or BankSettings())
+    scorer = Scorer(bank.labels, bank.name_ids, settings)
+    t = clock("bank", t)
+    hook = sae.cfg.metadata.hook_name if sae is not None else default_hook(model)
+    if sae is not None:
+        check_sae_fits(model, sae, hook)
+    if controls and control_sae is not None:
+        if sae is not None and control_sae.cfg.d_in != sae.cfg.d_in:
+            raise VillesError("the control SAE's d_in differs from the SAE's")
+    neuron_hooks = mlp_hooks(model)
+    acts = collect(model, names, [hook, *neuron_hooks], progress=progress)
+    acts = {h: a.index_select(0, scorer.order) for h, a in acts.items()}  # half A's rows, then half B's
+    control_x = None
+    if controls and control_sae is not None:
+        control_hook = control_sae.cfg.metadata.hook_name or hook
+        control_x = collect(random_model(model), names, [control_hook], progress=progress)[control_hook]
+        control_x = control_x.index_select(0, scorer.order)
+    t = clock("activations", t)
+
+    units: list[UnitSet] = []
+    x = acts[hook]
+    l0 = None
+    if sae is not None:
+        feats = sae_units("feature", sae, x)
+        units.append(feats)
+        l0 = feats.n_entries / x.shape[0]
+    for h in neuron_hooks:
+        units.append(UnitSet.dense("neuron", h, acts[h]))
+    units.append(basis_units("residual" if "resid" in hook else "basis", hook, x))
+    if controls:
+        n_random = settings.n_random if settings.n_random is not None else 2 * x.shape[1]
+        if n_random:
+            directions = random_directions(x.shape[1], n_random, settings.seed)
+            units.append(UnitSet.projection("random_direction", hook, x, directions))
+        k = settings.topk or (_sae_k(sae, feats.n_entries, x.shape[0]) if sae is not None else 8)
+        for h in neuron_hooks:
+            units.append(topk_units("neuron_topk", h, acts[h], k))
+        if control_x is not None:
+            units.append(sae_units("random_model_feature", control_sae, control_x))
+    for us in units:
+        us.ordered = True
+    t = clock("units", t)
+    rows = score(
+        units, bank.labels, bank.name_ids, name_labels=bank.name_labels, settings=settings, scorer=scorer,
+        progress=progress,
+    )  # fmt: skip
+    clock("scoring", t)
+    info = {
+        "names": len(names),
+        "positions": bank.n_positions,
+        "concepts": bank.labels.n_concepts,
+        "name_concepts": bank.name_labels.n_concepts,
+        "hook": hook,
+        "sae_l0": l0,
+        "settings": _asdict(settings),
+        "bank_settings": _asdict(bank.settings),
+        "wall_s": {k: round(v, 2) for k, v in wall.items()},
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+    concepts = {"concepts": bank.describe(), "aliases": bank.aliases}
+    return Report(rows, summarize(rows), concepts, info)
+
+
+def _asdict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)

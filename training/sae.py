@@ -1,0 +1,549 @@
+"""Sparse autoencoders on any hook of a HookedTransformer, built, trained and measured with SAELens.
+
+Positions. An SAE here reads the activations of the *character* positions of a name only. Of `<bos> c1 … cn <eos>
+<pad>…`, the `<bos>` position is left out because its activation is one constant vector at every hook (position 0
+attends only to itself), which would cost a latent and flatter every score; the `<eos>` position because nothing
+reads it (its prediction, the symbol after `<eos>`, is never a target); padding because it is not text. Splicing
+(reconstruction or zero-ablation) touches exactly the same positions and leaves the others clean, so the prediction
+made at `<bos>` (the first character) is identical in every run. `sae_positions(tokens)` is that mask, for the
+interp modules to use too.
+
+Speed. The train split's activations are cached once (≈ 300k vectors: a few hundred MB at most) and SAELens's own
+`SAETrainer` draws shuffled batches from that cache, so training runs at memory speed instead of SAELens's
+streaming path (≈ 3,000 tokens/s here). TopK trains with SAELens's sparse activations (its sparse decoder matmul,
+which needs `rescale_acts_by_decoder_norm=False`): about twice the speed of the dense path on this CPU.
+
+Folder (`train_sae_to_folder`):
+    cfg.json, sae_weights.safetensors   SAELens's inference folder: `sae_lens.SAE.load_from_disk(DIR)` loads it as is.
+                                        Its metadata names the hook, the model checkpoint and the sha256 of its weights.
+    metrics.json                        validation metrics (see `evaluate_sae`) and training speed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from training import checkpoint as ckpt
+from training.errors import VillesError
+from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, CharTokenizer, replace_dir
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, TrainingSAE
+    from transformer_lens import HookedTransformer
+
+ARCHS = ("standard", "topk", "batchtopk", "jumprelu")
+K_ARCHS = ("topk", "batchtopk", "jumprelu")  # jumprelu reads k as its target L0
+L1_ARCHS = ("standard", "jumprelu")  # jumprelu reads l1 as its L0 coefficient
+DEFAULT_K = 8.0
+DEFAULT_L1 = 2.0  # standard
+# JumpReLU at this scale (inputs of mean norm sqrt(d_in)): SAELens's defaults (threshold 0.01, bandwidth 0.05) leave
+# the threshold's gradient window so narrow that L0 never comes down to its target; these came from a short search
+# on a 2-layer d_model 128 model (pre_act_loss is Anthropic's push on dead latents, applied to dead ones only).
+JUMPRELU = {"jumprelu_init_threshold": 0.3, "jumprelu_bandwidth": 0.3, "pre_act_loss_coefficient": 0.1}
+JUMPRELU_TARGET_COEFFICIENT = 0.5  # weight of the quadratic pull towards the target L0 (k)
+DENSE_THRESHOLD = 0.1  # a latent active on more than this fraction of tokens counts as dense
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class SAESettings:
+    hook: str | None = None  # None: the residual stream after the last block, blocks.{last}.hook_resid_post
+    arch: str = "topk"  # standard (ReLU + L1), topk, batchtopk (saved as jumprelu), jumprelu
+    d_sae: int | None = None  # latents; None: expansion * d_in
+    expansion: int = 4  # 512 latents on d_model 128: meets the targets with few dead latents, at half 8x's cost
+    k: float | None = None  # topk/batchtopk: active latents per token; jumprelu: target L0. None: 8 (k archs)
+    l1: float | None = None  # standard: L1 coefficient; jumprelu without k: L0 coefficient (inputs are normalized
+    # to mean norm sqrt(d_in) while training, so a coefficient carries over between models and hooks)
+    tokens: int = 8_000_000  # training samples drawn from the cache (about 25 passes over the train split)
+    lr: float = 3e-3
+    batch_size: int = 4096
+    b_dec_init: str = "mean"  # mean: the decoder bias starts at the mean activation (centred inputs); or zeros
+    seed: int = 0
+
+    def width(self, d_in: int) -> int:
+        return self.d_sae or self.expansion * d_in
+
+    def validate(self, d_in: int | None = None) -> None:
+        """Bad settings as one VillesError, before anything is loaded or written."""
+        if self.arch not in ARCHS:
+            raise VillesError(f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.d_sae is not None and self.d_sae <= 0:
+            raise VillesError(f"--d-sae must be positive, got {self.d_sae}")
+        if self.expansion <= 0:
+            raise VillesError(f"--expansion must be positive, got {self.expansion}")
+        if self.k is not None and self.arch not in K_ARCHS:
+            raise VillesError(f"--k applies to {', '.join(K_ARCHS)}, not to {self.arch} (use --l1)")
+        if self.l1 is not None and self.arch not in L1_ARCHS:
+            raise VillesError(f"--l1 applies to {', '.join(L1_ARCHS)}, not to {self.arch} (use --k)")
+        if self.k is not None and self.l1 is not None:
+            raise VillesError("give --k or --l1, not both")
+        if self.l1 is not None and not (math.isfinite(self.l1) and self.l1 > 0):
+            raise VillesError(f"--l1 must be a positive finite number, got {self.l1}")
+        if self.k is not None and not math.isfinite(self.k):
+            raise VillesError(f"--k must be finite, got {self.k}")
+        if self.arch == "topk" and self.k is not None and self.k != int(self.k):
+            raise VillesError(f"topk needs a whole number of active latents, got --k {self.k}")
+        for name in ("tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise VillesError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.tokens < self.batch_size:
+            raise VillesError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise VillesError(f"b_dec_init must be mean or zeros, got {self.b_dec_init!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise VillesError(f"--lr must be a positive finite number, got {self.lr}")
+        if d_in is not None and self.arch in K_ARCHS:
+            k, width = self.sparsity_k(), self.width(d_in)
+            if not 0 < k <= width:
+                raise VillesError(f"--k must be in 1..d_sae ({width}), got {k:g}")
+
+    def sparsity_k(self) -> float:
+        return DEFAULT_K if self.k is None else self.k
+
+
+# --- the model side: hooks, positions, activations ------------------------------------------------------------------
+def default_hook(model: HookedTransformer) -> str:
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def sae_positions(tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """The positions an SAE reads and splices: the characters of each name (not <bos>, <eos> or padding)."""
+    return (tokens != PAD_ID) & (tokens != BOS_ID) & (tokens != EOS_ID)
+
+
+def char_tokenizer(model: HookedTransformer) -> CharTokenizer:
+    """The CharTokenizer behind a villes model's Hugging Face tokenizer (same ids, checked)."""
+    hf = getattr(model, "tokenizer", None)
+    if hf is None:
+        raise VillesError("the model has no tokenizer attached: load it with training.load_model")
+    vocab = hf.get_vocab()
+    tok = CharTokenizer(s for s in vocab if s not in SPECIALS)
+    if tok.stoi != vocab:
+        raise VillesError("the model's tokenizer is not a villes character tokenizer")
+    return tok
+
+
+def _stop_layer(hook: str) -> int | None:
+    """Run blocks only up to the hook's own: later blocks cannot change it."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) + 1 if m else None
+
+
+def hook_width(model: HookedTransformer, hook: str) -> int:
+    """d_in of a hook that gives one vector per position; a clear VillesError for anything else."""
+    if hook not in model.hook_dict:
+        near = [h for h in model.hook_dict if h.endswith(hook.rsplit(".", 1)[-1])][:4]
+        hint = f" (e.g. {', '.join(near)})" if near else f" (e.g. {default_hook(model)})"
+        raise VillesError(f"unknown hook {hook!r}: not a hook of this model{hint}")
+    tokens = torch.tensor([[BOS_ID, len(SPECIALS), EOS_ID]])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=_stop_layer(hook))
+    shape = tuple(cache[hook].shape)
+    if len(shape) != 3 or shape[:2] != tuple(tokens.shape):
+        raise VillesError(
+            f"hook {hook!r} gives activations of shape {list(shape)}: an SAE here needs one vector per "
+            "position ([batch, pos, d]), e.g. a residual stream, an MLP or attention output"
+        )
+    return shape[-1]
+
+
+def _batches_of_names(names: Sequence[str], batch_size: int) -> Iterator[list[str]]:
+    order = sorted(range(len(names)), key=lambda i: len(names[i]))  # similar lengths together: little padding
+    for start in range(0, len(order), batch_size):
+        yield [names[i] for i in order[start : start + batch_size]]
+
+
+@torch.no_grad()
+def collect_activations(
+    model: HookedTransformer, names: Sequence[str], hook: str, batch_size: int = 1024
+) -> Float[Tensor, "tokens d_in"]:
+    """The hook's activations at every character position of `names` (see `sae_positions`), float32, in one tensor."""
+    tok = char_tokenizer(model)
+    hook_width(model, hook)
+    stop = _stop_layer(hook)
+    chunks = []
+    for batch in _batches_of_names(names, batch_size):
+        tokens = tok.batch(batch)
+        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop)
+        chunks.append(cache[hook][sae_positions(tokens)].float())
+    return torch.cat(chunks)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+def cached_batches(
+    acts: Float[Tensor, "tokens d_in"], batch_size: int, seed: int = 0
+) -> Iterator[Float[Tensor, "batch d_in"]]:
+    """Endless shuffled batches from an in-memory cache (a SAELens DataProvider); each pass is a new permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(acts), generator=gen)
+        for start in range(0, len(acts) - batch_size + 1, batch_size):
+            yield acts[perm[start : start + batch_size]]
+
+
+def build_training_sae(settings: SAESettings, d_in: int, metadata: dict[str, Any] | None = None) -> TrainingSAE:
+    """A fresh SAELens TrainingSAE of the settings' architecture (seeded)."""
+    from sae_lens.saes import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    settings.validate(d_in)
+    steps = settings.tokens // settings.batch_size
+    common = {
+        "d_in": d_in,
+        "d_sae": settings.width(d_in),
+        # trained on inputs scaled to mean norm sqrt(d_in); SAETrainer folds the factor into the weights at the end
+        "normalize_activations": "expected_average_only_in",
+        "metadata": SAEMetadata(**(metadata or {})),
+    }
+    warm = max(1, steps // 20)  # sparsity penalties ramp up over the first 5% of steps
+    torch.manual_seed(settings.seed)
+    if settings.arch == "topk":
+        cfg = TopKTrainingSAEConfig(
+            **common, k=int(settings.sparsity_k()), use_sparse_activations=True, rescale_acts_by_decoder_norm=False
+        )
+        return TopKTrainingSAE(cfg)
+    if settings.arch == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=settings.sparsity_k()))
+    if settings.arch == "standard":
+        l1 = settings.l1 if settings.l1 is not None else DEFAULT_L1
+        return StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=l1, l1_warm_up_steps=warm))
+    if settings.l1 is not None:  # jumprelu with a plain L0 penalty
+        cfg = JumpReLUTrainingSAEConfig(**common, **JUMPRELU, l0_coefficient=settings.l1, l0_warm_up_steps=warm)
+    else:  # jumprelu pulled towards a target L0 (Gemma Scope 2's quadratic penalty)
+        cfg = JumpReLUTrainingSAEConfig(
+            **common,
+            **JUMPRELU,
+            jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=settings.sparsity_k(),
+            l0_coefficient=JUMPRELU_TARGET_COEFFICIENT,
+            l0_warm_up_steps=warm,
+        )
+    return JumpReLUTrainingSAE(cfg)
+
+
+@contextmanager
+def _quiet_trainer(progress: bool):
+    """SAETrainer.fit and its norm estimate open tqdm bars with no switch: to silence them when asked, swap the name
+    those modules look up. SAELens's sparse TopK path warns on every batch that it skips sparse-invariant checks."""
+    import warnings
+
+    from sae_lens.training import activation_scaler, sae_trainer
+
+    modules = (sae_trainer, activation_scaler)
+    originals = [m.tqdm for m in modules]
+    if not progress:
+        for m, original in zip(modules, originals, strict=True):
+            m.tqdm = lambda *a, _bar=original, **k: _bar(*a, **{**k, "disable": True})
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            yield
+    finally:
+        for m, original in zip(modules, originals, strict=True):
+            m.tqdm = original
+
+
+def train_sae(
+    acts: Float[Tensor, "tokens d_in"],
+    settings: SAESettings,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[TrainingSAE, dict]:
+    """Train an SAE on cached activations with SAELens's SAETrainer; returns it and its speed."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    if len(acts) < settings.batch_size:
+        raise VillesError(f"only {len(acts)} activations for batches of {settings.batch_size}: lower --batch-size")
+    sae = build_training_sae(settings, acts.shape[-1], metadata)
+    steps = settings.tokens // settings.batch_size
+    window = max(10, math.ceil(1_000_000 / settings.batch_size))  # "dead" = silent for about 1M tokens (3 passes)
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * settings.batch_size,
+        train_batch_size_samples=settings.batch_size,
+        lr=settings.lr,
+        lr_end=settings.lr,
+        lr_warm_up_steps=max(1, steps // 100),
+        lr_decay_steps=max(1, steps // 5),  # linear decay to 0 over the last 20%
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        dead_feature_window=window,
+        feature_sampling_window=window,
+    )
+    trainer = SAETrainer(cfg, sae, cached_batches(acts, settings.batch_size, settings.seed))
+    # The scale to mean norm sqrt(d_in), exact over the whole cache (fit() estimates it only when unset, and folds
+    # it into the weights at the end). A residual stream has a large mean: starting b_dec there lets the latents
+    # see centred data from the first step.
+    scale = math.sqrt(acts.shape[-1]) / acts.norm(dim=-1).mean().clamp(min=1e-8).item()
+    trainer.activation_scaler.scaling_factor = scale
+    if settings.b_dec_init == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(acts.mean(0) * scale)
+    with _quiet_trainer(progress):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        trainer.fit()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    sae.eval()
+    samples = trainer.n_training_samples
+    return sae, {
+        "train_tokens": samples,
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": samples / seconds,
+        # CPU time of this process, all its threads: a figure that other programs sharing the machine do not halve
+        "tokens_per_cpu_second": samples / max(cpu_seconds, 1e-9),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def to_inference(sae: TrainingSAE) -> SAE:
+    """The inference SAE exactly as it is shipped (TopK norms folded, BatchTopK as JumpReLU): saved, loaded back."""
+    from sae_lens import SAE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_inference_model(tmp)
+        return SAE.load_from_disk(tmp)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+def _splice(hook: str, mask: Bool[Tensor, "batch pos"], values: Float[Tensor, "n d"]) -> list:
+    """Forward hooks that put `values` at the masked positions of `hook` and leave every other position clean."""
+
+    def put(act: Tensor, hook) -> Tensor:
+        act = act.clone()
+        act[mask] = values.to(act.dtype)
+        return act
+
+    return [(hook, put)]
+
+
+@torch.no_grad()
+def evaluate_sae(
+    model: HookedTransformer,
+    sae: SAE,
+    names: Sequence[str],
+    hook: str | None = None,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """The field's SAE metrics on `names`:
+
+    l0, explained_variance (SAELens's ExplainedVarianceCalculator), mse, cossim, l2_ratio (shrinkage: mean
+    ||x̂||/||x||) and relative_reconstruction_bias over the SAE's positions; ce_loss_clean / ce_loss_spliced (the
+    reconstruction in place of the activation, no error term) / ce_loss_zero_ablation in nats per predicted symbol,
+    with the project's masked distribution (so ce_loss_clean is the model's validation NLL); loss_recovered =
+    (zero - spliced) / (zero - clean); kl = KL(clean || spliced) per predicted symbol; dead_fraction (never active
+    on these names) and dense_fraction (active on more than 10% of their tokens).
+    """
+    from sae_lens.evals import ExplainedVarianceCalculator
+
+    from training.lm import log_probs, token_nll
+
+    hook = hook or sae.cfg.metadata.hook_name or default_hook(model)
+    check_sae_fits(model, sae, hook)
+    tok = char_tokenizer(model)
+    sae.eval()
+    ev = ExplainedVarianceCalculator()
+    fired = torch.zeros(sae.cfg.d_sae)
+    sums = dict.fromkeys(("l0", "cossim", "l2_ratio", "xhat_sq", "x_dot_xhat", "clean", "spliced", "zero", "kl"), 0.0)
+    n_tokens = n_predictions = 0
+    for batch in _batches_of_names(names, batch_size):
+        tokens = tok.batch(batch)
+        mask = sae_positions(tokens)
+        logits, cache = model.run_with_cache(tokens, names_filter=hook)
+        x = cache[hook][mask].float()
+        acts = sae.encode(x)
+        xhat = sae.decode(acts)
+
+        spliced = model.run_with_hooks(tokens, fwd_hooks=_splice(hook, mask, xhat))
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=_splice(hook, mask, torch.zeros_like(xhat)))
+        active = acts != 0
+        fired += active.sum(0).float()
+        ev.add_batch(sae_output=xhat, hidden_acts=x)
+        x_norm, xhat_norm = x.norm(dim=-1), xhat.norm(dim=-1)
+        sums["l0"] += active.sum().item()
+        sums["cossim"] += torch.nn.functional.cosine_similarity(x, xhat, dim=-1).sum().item()
+        sums["l2_ratio"] += (xhat_norm / x_norm.clamp(min=1e-4)).sum().item()
+        sums["xhat_sq"] += xhat_norm.pow(2).sum().item()
+        sums["x_dot_xhat"] += (x * xhat).sum().item()
+        for key, out in (("clean", logits), ("spliced", spliced), ("zero", zeroed)):
+            sums[key] += token_nll(out, tokens).sum().item()
+        target = tokens[:, 1:] != PAD_ID
+        # KL over the symbols a model can predict: <pad> and <bos> columns are -inf in both and would give NaN
+        lp_clean = log_probs(logits[:, :-1])[..., len(SPECIALS) - 1 :]
+        lp_spliced = log_probs(spliced[:, :-1])[..., len(SPECIALS) - 1 :]
+        kl = (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1)
+        sums["kl"] += kl[target].sum().item()
+        n_tokens += int(mask.sum())
+        n_predictions += int(target.sum())
+    clean, spliced_ce, zero = (sums[k] / n_predictions for k in ("clean", "spliced", "zero"))
+    frequency = fired / max(n_tokens, 1)
+    return {
+        "l0": sums["l0"] / n_tokens,
+        "explained_variance": ev.compute(),
+        "mse": ev.sum_squared_residual / n_tokens,
+        "cossim": sums["cossim"] / n_tokens,
+        "ce_loss_clean": clean,
+        "ce_loss_spliced": spliced_ce,
+        "ce_loss_zero_ablation": zero,
+        "loss_recovered": (zero - spliced_ce) / (zero - clean) if zero != clean else float("nan"),
+        "kl": sums["kl"] / n_predictions,
+        "dead_fraction": (frequency == 0).float().mean().item(),
+        "dense_fraction": (frequency > DENSE_THRESHOLD).float().mean().item(),
+        "l2_ratio": sums["l2_ratio"] / n_tokens,
+        "relative_reconstruction_bias": sums["xhat_sq"] / sums["x_dot_xhat"],
+        "n_names": len(names),
+        "n_tokens": n_tokens,
+        "n_predictions": n_predictions,
+    }
+
+
+# --- folders -------------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _portable(path: Path) -> str:
+    """A path inside the repository is recorded relative to its root, so shipped folders do not name this machine."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(resolved)
+
+
+def _is_sae_folder(folder: Path) -> bool:
+    try:
+        return "architecture" in json.loads((folder / "cfg.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_folder(out: Path, checkpoint: Path | None = None) -> None:
+    """--out may be new, empty, or an SAE folder (replaced atomically); never a model checkpoint or other data."""
+    if checkpoint is not None and out.resolve() == checkpoint.resolve():
+        raise VillesError(f"--out {out} is the model checkpoint itself: choose another folder")
+    if out.exists() and not out.is_dir():
+        raise VillesError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_sae_folder(out):
+        raise VillesError(f"--out {out} holds something that is not an SAE folder: refusing to replace it")
+
+
+def train_sae_to_folder(checkpoint: Path | str, settings: SAESettings, out: Path | str, progress: bool = True) -> dict:
+    """Train an SAE on a model checkpoint's train split and write its folder (metrics on the val split)."""
+    from training.data import load_corpus
+    from training.neural import load_checkpoint
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    settings.validate()
+    check_output_folder(out, checkpoint)
+    model, _, config = load_checkpoint(checkpoint)
+    if config.get("kind") != "transformer":
+        raise VillesError(f"{checkpoint} holds a {config.get('kind')} model: SAEs need a transformer checkpoint")
+    hook = settings.hook or default_hook(model)
+    d_in = hook_width(model, hook)
+    settings = replace(settings, hook=hook)
+    settings.validate(d_in)
+    info = config.get("corpus", {})
+    corpus = load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True))
+    acts = collect_activations(model, corpus.split_names("train"), hook)
+    metadata = {
+        "model_name": f"villes/{checkpoint.name}",
+        "hook_name": hook,
+        "context_size": model.cfg.n_ctx,
+        "prepend_bos": True,
+        "model_checkpoint": _portable(checkpoint),
+        "model_sha256": _sha256(checkpoint / "model.safetensors"),
+        "villes_positions": "characters (not <bos>, <eos> or padding): training.sae.sae_positions",
+        "villes_settings": asdict(settings),
+    }
+    training_sae, speed = train_sae(acts, settings, metadata, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        training_sae.save_inference_model(tmp)
+        sae = load_sae(tmp, model)
+        metrics = {
+            "hook_name": hook,
+            "model_checkpoint": metadata["model_checkpoint"],
+            "model_sha256": metadata["model_sha256"],
+            "architecture": settings.arch,
+            "saved_architecture": sae.cfg.architecture(),
+            "d_in": d_in,
+            "d_sae": sae.cfg.d_sae,
+            "split": "val",
+            **evaluate_sae(model, sae, corpus.split_names("val"), hook),
+            **speed,
+            "train_activations": len(acts),
+            "settings": asdict(settings),
+        }
+        ckpt.atomic_write_json(tmp / METRICS_FILE, metrics)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def check_sae_fits(model: HookedTransformer, sae: SAE, hook: str | None = None) -> None:
+    hook = hook or sae.cfg.metadata.hook_name
+    if hook is None:
+        raise VillesError("the SAE does not name its hook (cfg.json metadata.hook_name): pass hook=")
+    width = hook_width(model, hook)
+    if width != sae.cfg.d_in:
+        raise VillesError(
+            f"SAE/model mismatch: the SAE reads d_in={sae.cfg.d_in} but hook {hook!r} of this model gives {width}"
+        )
+
+
+def load_sae(folder: Path | str, model: HookedTransformer | Path | str | None = None) -> SAE:
+    """An SAELens SAE from its folder (weights from safetensors). With a model (a HookedTransformer or a checkpoint
+    folder), check that it fits: the SAE's hook exists there and has the SAE's d_in; for a checkpoint folder, also
+    that its weights are those the SAE was trained on."""
+    from sae_lens import SAE
+
+    folder = Path(folder)
+    if not (folder / "cfg.json").is_file() or not (folder / "sae_weights.safetensors").is_file():
+        raise VillesError(f"{folder} is not a SAELens SAE folder (needs cfg.json and sae_weights.safetensors)")
+    try:
+        sae = SAE.load_from_disk(folder)
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError) as e:
+        raise VillesError(f"{folder} is not a loadable SAELens SAE folder: {str(e).splitlines()[0][:200]}") from None
+    sae.eval()
+    if isinstance(model, str | Path):
+        path = Path(model)
+        recorded = sae.cfg.metadata.get("model_sha256")
+        if recorded and (path / "model.safetensors").is_file() and _sha256(path / "model.safetensors") != recorded:
+            raise VillesError(f"SAE/model mismatch: {folder} was trained on other weights than {path}'s")
+        from training.transformer import load_model
+
+        model = load_model(path)
+    if model is not None:
+        check_sae_fits(model, sae)
+    return sae
