@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         training_sae, speed = train_sae(acts, settings, {"hook_name": hook}, progress=False)
         metrics = evaluate_sae(model, to_inference(training_sae), corpus.split_names("val"), hook)
         rows.append(row(settings, d_in, metrics, speed, time.perf_counter() - start))
-        print(format_table(rows[-1:], COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
+        print(", ".join(f"{c} {rows[-1][c]}" for c in COLUMNS), file=sys.stderr, flush=True)
     if rows:
         print(
             f"\nSAEs on {hook} of {args.checkpoint} ({len(acts):,} cached train activations, "
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, settings in (("sae", DEFAULT), ("sae_l1", L1_BASELINE)):
             out = ROOT / "checkpoints" / name
             start = time.perf_counter()
-            metrics = train_sae_to_folder(args.checkpoint, replace(settings, hook=args.hook), out, progress=False)
+            metrics = train_sae_to_folder(args.checkpoint, replace(settings, hook=hook), out, progress=False, acts=acts)
             shipped.append(
                 {"folder": f"checkpoints/{name}", **row(settings, d_in, metrics, metrics, time.perf_counter() - start)}
             )

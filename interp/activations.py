@@ -283,7 +283,7 @@ class Collector:
         names: Sequence[str],
         regions: Sequence[str] | None = None,
         tokenizer: CharTokenizer | None = None,
-        batch_size: int = 512,
+        batch_size: int = 256,
         neurons: bool = True,
     ):
         if not names:
@@ -459,14 +459,14 @@ def _pow2_above(x: Float[Tensor, " units"]) -> Float[Tensor, " units"]:
 @dataclass(frozen=True)
 class StoreSettings:
     split: str = "all"
-    batch_size: int = 512  # names per forward
+    batch_size: int = 256  # names per forward (small batches keep the working set in cache)
     top_k: int = 20  # top (and, for signed units, bottom) names
     n_bands: int = 10  # equal-width activation intervals of (0, range]
     per_band: int = 4  # names sampled per interval
     n_random: int = 10  # names sampled uniformly among those where the unit fires
     hist_bins: int = 64  # per sign, over (0, range]
     dense_threshold: float = 0.1  # a unit active on more than this fraction of characters is flagged dense
-    corr_every: int = 4  # correlations of dense units use every n-th batch (sparse features use all)
+    corr_every: int = 8  # correlations of dense units use every n-th batch (sparse features use all)
     seed: int = 0
 
     def validate(self) -> None:

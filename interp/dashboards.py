@@ -82,12 +82,14 @@ class DashboardSettings:
     clamp: tuple[float, ...] = (0.0, 1.0, 2.0)  # clamp values, as multiples of the unit's max activation
     n_generate: int = 4  # names generated per clamp value
     n_neighbours: int = 8
-    effect_batch: int = 2048  # rows per forward in the causal panels
+    effect_batch: int = 256  # rows per forward when ablating (small batches: less padding, warm caches)
+    generate_batch: int = 1024  # rows sampled together
+    generate_max_len: int = 32  # characters; a clamp that never lets a name end is cut there (marked with ...)
     seed: int = 0
 
     def validate(self) -> None:
         self.store.validate()
-        for name in ("n_effect", "n_generate", "n_neighbours", "effect_batch"):
+        for name in ("n_effect", "n_generate", "n_neighbours", "effect_batch", "generate_batch", "generate_max_len"):
             if getattr(self, name) <= 0:
                 raise VillesError(f"dashboard setting {name} must be positive, got {getattr(self, name)}")
         if not self.clamp or not all(math.isfinite(c) for c in self.clamp):
@@ -122,7 +124,7 @@ def _centre(x: Float[Tensor, "... vocab"], keep: Tensor) -> Float[Tensor, "... v
 
 @torch.no_grad()
 def ablation_effects(
-    model, tok: CharTokenizer, st: UnitStats, names: Sequence[str], n_effect: int, batch: int = 2048
+    model, tok: CharTokenizer, st: UnitStats, names: Sequence[str], n_effect: int, batch: int = 256, bar=None
 ) -> tuple[dict[int, list[tuple[int, list[float]]]], Float[Tensor, "units vocab"]]:
     """Zero-ablate each unit on its top examples (see the module docstring); returns the per-character deltas and the
     mean centred logit change at the peak character per unit of activation."""
@@ -141,17 +143,25 @@ def ablation_effects(
     sums, counts = torch.zeros(U, V), torch.zeros(U)
     out: dict[int, list[tuple[int, list[float]]]] = {}
     rows.sort(key=lambda r: (len(names[r[1]]), r[1]))
+    # with right padding and learned positions, the residual stream before the hook's block is all the rest needs
+    start = s.layer if s.layer and model.cfg.positional_embedding_type in ("standard", "rotary") else None
     for b0 in range(0, len(rows), batch):
         chunk = rows[b0 : b0 + batch]
         units = torch.tensor([r[0] for r in chunk])
         name_ids = torch.tensor([r[1] for r in chunk])
         uniq, inv = torch.unique(name_ids, return_inverse=True)
         tokens_u = tok.batch([names[i] for i in uniq])
-        lp_clean_u = log_probs(model(tokens_u))  # each distinct name once
         tokens = tokens_u[inv]
         edit = UnitEdit(s, units, torch.zeros(len(chunk)), tokens > EOS_ID)
-        with model.hooks(fwd_hooks=[(s.hook, edit)]):
-            logits_abl = model(tokens)
+        if start:  # blocks before the hook's are unchanged by the edit: run them once per distinct name
+            logits_u, cache = model.run_with_cache(tokens_u, names_filter=f"blocks.{start}.hook_resid_pre")
+            with model.hooks(fwd_hooks=[(s.hook, edit)]):
+                logits_abl = model(cache[f"blocks.{start}.hook_resid_pre"][inv], start_at_layer=start)
+        else:
+            logits_u = model(tokens_u)
+            with model.hooks(fwd_hooks=[(s.hook, edit)]):
+                logits_abl = model(tokens)
+        lp_clean_u = log_probs(logits_u)  # each distinct name once
         lp_clean, lp_abl = lp_clean_u[inv], log_probs(logits_abl)
         tgt = tokens[:, 1:].clamp(min=0)[..., None]
         delta = (lp_clean[:, :-1].gather(-1, tgt) - lp_abl[:, :-1].gather(-1, tgt)).squeeze(-1)
@@ -166,6 +176,8 @@ def ablation_effects(
         n_pred = (tokens[:, 1:] != PAD_ID).sum(1)
         for i, (u, name, _, _) in enumerate(chunk):
             out.setdefault(u, []).append((name, delta[i, : int(n_pred[i])].tolist()))
+        if bar is not None:
+            bar.update(len(chunk))
     alive = counts > 0
     through[alive] = sums[alive] / counts[alive, None]
     # keep each unit's examples in top order (rows were sorted by length for batching)
@@ -182,15 +194,19 @@ def generate(
     uniforms: Float[Tensor, "samples steps"],
     sample_of_row: Int[Tensor, " rows"],
     edit: UnitEdit | None = None,
+    max_len: int | None = None,
 ) -> list[str]:
     """Sample one name per row with TransformerLens's key-value cache and the edit hook firing at every step.
 
     training.sampling.sample_names cannot serve here: it drops finished rows from its batch, and its hooks are not
     told which rows are left, so a hook cannot clamp a different unit in each row. This loop tells `edit.rows`.
-    Row r draws its token at step t by inverse CDF with uniforms[sample_of_row[r], t] (common random numbers)."""
+    Row r draws its token at step t by inverse CDF with uniforms[sample_of_row[r], t] (common random numbers). A name
+    still unfinished after max_len characters is cut there and marked with an ellipsis."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    n_ctx, n = model.cfg.n_ctx, len(sample_of_row)
+    n, limit = len(sample_of_row), model.cfg.n_ctx  # tokens, <bos> included
+    if max_len is not None:
+        limit = min(limit, max_len + 2)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n)
     live = torch.arange(n)
     seqs = torch.full((n, 1), BOS_ID)
@@ -198,7 +214,7 @@ def generate(
     out: list[str] = [""] * n
     hooks = [(edit.s.hook, edit)] if edit is not None else []
     with model.hooks(fwd_hooks=hooks):
-        for t in range(n_ctx - 1):
+        for t in range(limit - 1):
             if edit is not None:
                 edit.rows = live
             probs = log_probs(model(nxt, past_kv_cache=cache)[:, -1]).exp()
@@ -206,9 +222,10 @@ def generate(
             u = uniforms[sample_of_row[live], t] * cdf[:, -1]
             choice = torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp(max=probs.shape[1] - 1)
             seqs = torch.cat([seqs, choice[:, None]], 1)
-            done = (choice == EOS_ID) | (seqs.shape[1] >= n_ctx)
+            done = (choice == EOS_ID) | (seqs.shape[1] >= limit)
             for j in done.nonzero().flatten().tolist():
-                out[int(live[j])] = tok.decode(seqs[j, 1:].tolist())
+                text = tok.decode(seqs[j, 1:].tolist())
+                out[int(live[j])] = text if int(choice[j]) == EOS_ID else text[: limit - 2] + "\u2026"
             if bool(done.all()):
                 break
             if bool(done.any()):
@@ -224,7 +241,7 @@ def generate(
 
 
 def clamped_generations(
-    model, tok, st: UnitStats, settings: DashboardSettings, uniforms: Tensor
+    model, tok, st: UnitStats, settings: DashboardSettings, uniforms: Tensor, bar=None
 ) -> tuple[dict[int, list[list[str]]], dict[int, list[float]]]:
     """Names generated with each live unit clamped at settings.clamp x its max activation, batched over units."""
     s, S, M = st.unit_set, settings.n_generate, len(settings.clamp)
@@ -232,16 +249,18 @@ def clamped_generations(
     mult = torch.tensor(settings.clamp)
     gens: dict[int, list[list[str]]] = {}
     values = {u: [float(m * st.max[u]) for m in mult] for u in alive}
-    per_chunk = max(1, settings.effect_batch // (S * M))
+    per_chunk = max(1, settings.generate_batch // (S * M))
     for c0 in range(0, len(alive), per_chunk):
         units = torch.tensor(alive[c0 : c0 + per_chunk])
         units_r = units.repeat_interleave(M * S)
         vals = (st.max[units][:, None] * mult[None]).repeat_interleave(S, dim=1).reshape(-1)
         sample = torch.arange(S).repeat(len(units) * M)
-        names = generate(model, tok, uniforms, sample, UnitEdit(s, units_r, vals))
+        names = generate(model, tok, uniforms, sample, UnitEdit(s, units_r, vals), settings.generate_max_len)
         for i, u in enumerate(units.tolist()):
             block = names[i * M * S : (i + 1) * M * S]
             gens[u] = [block[m * S : (m + 1) * S] for m in range(M)]
+        if bar is not None:
+            bar.update(len(units_r))
     return gens, values
 
 
@@ -719,20 +738,28 @@ def dashboards(
         )
         W_U = model.W_U.detach().float()
         keep_v = _predictable(model.cfg.d_vocab)
-        bar = tqdm(total=2 * len(sets), desc="causal panels", disable=not progress, dynamic_ncols=True)
+        # the bar counts forward rows: each unit's ablated examples, then its clamped samples
+        n_rows = sum(
+            int(torch.isfinite(store[s.id].top.key[:, : settings.n_effect]).sum())
+            + int((store[s.id].max > 0).sum()) * settings.n_generate * len(settings.clamp)
+            for s in sets
+        )
+        bar = tqdm(total=n_rows, desc="causal panels", unit="row", disable=not progress, dynamic_ncols=True)
         with clock("generation"):
-            baseline = generate(model, tok, uniforms, torch.arange(settings.n_generate))
+            baseline = generate(
+                model, tok, uniforms, torch.arange(settings.n_generate), None, settings.generate_max_len
+            )
         for s in sets:
             st = store[s.id]
             with clock("ablation"):
-                abl, through = ablation_effects(model, tok, st, store.names, settings.n_effect, settings.effect_batch)
-            bar.update(1)
+                abl, through = ablation_effects(
+                    model, tok, st, store.names, settings.n_effect, settings.effect_batch, bar
+                )
             dirs = s.directions(model)
             direct[s.id] = dirs @ W_U if dirs is not None else None  # raw, uncentred (the export wants it so)
             raw = _centre(direct[s.id], keep_v) if dirs is not None else None
             with clock("generation"):
-                gens, values = clamped_generations(model, tok, st, settings, uniforms)
-            bar.update(1)
+                gens, values = clamped_generations(model, tok, st, settings, uniforms, bar)
             effects[s.id] = Effects(abl, through, raw, gens, values)
         bar.close()
     finally:

@@ -38,6 +38,7 @@ unit, bin and joint class, the number of entries, and concept counts are sums ov
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ class MonoSettings:
     max_extra: int = 2  # Mono2: concepts added to c1 at most
     jaccard_max: float = 0.1  # Mono2: an added concept overlaps each chosen one less than this (Jaccard)
     unit_chunk: int = 256  # units scored together (memory: rows × chunk floats)
-    joint_classes: int = 4096  # most distinct label combinations per joint column
+    joint_classes: int = 1024  # most distinct label combinations per joint column
     n_random: int | None = None  # random directions; None: 2 × the SAE's d_in (as many as the basis units)
     topk: int | None = None  # neuron_topk's k; None: the SAE's k, else its mean L0 rounded
     seed: int = 0  # random directions
@@ -213,18 +214,34 @@ class Scorer:
         # rows of half A, then of half B: activations in this order are split by views, not copies
         self.order = torch.cat([self.halves["A"].rows, self.halves["B"].rows])
         a = self.halves["A"]
-        self.joint = _joint_columns(a.slots, settings.joint_classes)
+        # two ways to count: slot columns merged into few joint columns (cheap per entry, a fixed cost per class),
+        # or one column per slot (the reverse); each chunk takes the cheaper for its number of entries
+        self.layouts = [_joint_columns(a.slots, settings.joint_classes), _joint_columns(a.slots, 1)]
+        self.joint = self.layouts[0]
         self.cooc = _cooccurrence(self.joint, self.C)  # [C, C] rows shared on A
         pos = a.pos.double()
         union = pos[:, None] + pos[None, :] - self.cooc.double()
         self.jaccard = torch.where(union > 0, self.cooc.double() / union.clamp(min=1), torch.zeros(()))
 
     # -- counting
-    def histogram(self, classes: list[Tensor], ubin: Tensor, n_units: int) -> Int[Tensor, "concept unit bin"]:
-        """Entries of half A (their joint classes, and unit * G + bin - 1) counted per concept: H[c, u, b]."""
+    def layout(self, n_entries: int, n_units: int) -> list:
+        """The joint columns that count n_entries entries of n_units units at the least cost (a rough model: one
+        operation per entry and column, one per class cell and per (class, concept) pair cell)."""
+        width = n_units * self.G
+
+        def cost(layout) -> int:
+            return n_entries * len(layout) + sum(k + len(pk) for _, k, pk, _ in layout) * width
+
+        return min(self.layouts, key=cost)
+
+    def histogram(
+        self, layout: list, classes: list[Tensor], ubin: Tensor, n_units: int
+    ) -> Int[Tensor, "concept unit bin"]:
+        """Entries of half A (their class in each joint column of `layout`, and unit * G + bin - 1) counted per
+        concept: H[c, u, b]."""
         width = n_units * self.G
         out = torch.zeros(self.C, width, dtype=torch.long)
-        for cls_, (_, k, pair_k, pair_c) in zip(classes, self.joint, strict=True):
+        for cls_, (_, k, pair_k, pair_c) in zip(classes, layout, strict=True):
             counts = torch.bincount(cls_ * width + ubin, minlength=k * width).view(k, width)
             out.index_add_(0, pair_c, counts[pair_k])
         return out.view(self.C, n_units, self.G)
@@ -274,9 +291,10 @@ class Scorer:
 
         # half A: c1 and θ1
         ubin = ea.u * G + ea.bin - 1
-        classes = [code[ea.n] for code, *_ in self.joint]
+        layout = self.layout(len(ubin), U)
+        classes = [code[ea.n] for code, *_ in layout]
         fired = _rev_cumsum(torch.bincount(ubin, minlength=U * G).view(U, G))  # P[u, j]
-        tp = _rev_cumsum(self.histogram(classes, ubin, U))  # [C, U, G]
+        tp = _rev_cumsum(self.histogram(layout, classes, ubin, U))  # [C, U, G]
         pos = A.pos.double()
         f1 = 2 * tp.double() / (fired.double()[None] + pos[:, None, None]).clamp(min=1)
         f1[pos == 0] = -1.0
@@ -303,7 +321,7 @@ class Scorer:
                     inside |= A.dense[ea.n, prior[ea.u, s]]
                 keep = (~inside).nonzero().squeeze(1)
                 kept = [k.index_select(0, keep) for k in classes]
-                x = _rev_cumsum(self.histogram(kept, ubin.index_select(0, keep), U)).double()
+                x = _rev_cumsum(self.histogram(layout, kept, ubin.index_select(0, keep), U)).double()
                 inter = self.cooc[prior[:, 0]].double()  # [U, C]: |c ∧ (union so far)|
                 allowed = (self.jaccard[prior[:, 0]] < self.settings.jaccard_max) & (pos > 0)[None]
                 for s in range(1, step):  # |c ∧ (c1 ∨ c2)| = |c ∧ c1| + |c ∧ c2| - |c ∧ c1 ∧ c2|
@@ -340,7 +358,10 @@ class Scorer:
         share = mass_in / mass.clamp(min=1e-30)
         prevalence = B.pos[c1].double() / max(len(B.rows), 1)
         lift = share / prevalence.clamp(min=1e-30)
-        r = self._point_biserial(xb, c1)
+        if bool((xb < 0).any()):
+            r = self._point_biserial(xb, c1)
+        else:  # zero wherever no entry: every sum comes from the entries
+            r = _pearson(eb.u, eb.val.double(), lab1, B.pos[c1], len(B.rows), U)
         nan = torch.full((U,), float("nan"), dtype=torch.float64)
         return {
             "n_active": n_active,
@@ -377,6 +398,19 @@ class Scorer:
         cov = in_c / n - mean * p
         denom = (var * p * (1 - p)).sqrt()
         return torch.where(denom > 1e-12, cov / denom.clamp(min=1e-30), torch.zeros_like(cov))
+
+
+def _pearson(u: Tensor, val: Tensor, lab: Tensor, positives: Tensor, n: int, U: int) -> Float[Tensor, "unit"]:
+    """Point-biserial r of units that are zero outside their entries (u, val), with a label per entry (lab) and
+    `positives` labelled rows in all."""
+    mean = torch.bincount(u, weights=val, minlength=U) / n
+    sq = torch.bincount(u, weights=val * val, minlength=U) / n
+    var = (sq - mean * mean).clamp(min=0)
+    in_c = torch.bincount(u[lab], weights=val[lab], minlength=U) / n
+    p = positives.double() / n
+    cov = in_c - mean * p
+    denom = (var * p * (1 - p)).sqrt()
+    return torch.where(denom > 1e-12, cov / denom.clamp(min=1e-30), torch.zeros_like(cov))
 
 
 def _f1_counts(u: Tensor, hit: Tensor, fired: Tensor, positives: Tensor, U: int) -> Float[Tensor, "unit"]:
@@ -480,13 +514,17 @@ def score(
     settings: MonoSettings = MonoSettings(),
     scorer: Scorer | None = None,
     progress: bool = False,
+    timings: dict[str, list[float]] | None = None,
 ) -> list[dict]:
     """One row per unit (see ROW_FIELDS): Mono1, Mono2, mass share, lift, r, flags, and the name-level concept when
     `name_labels` (rows: names 0..n-1, the ids in `name_ids`) is given.
 
     `acts` is a [rows, units] tensor, a UnitSet or several; `labels` a ConceptLabels or a boolean [rows, concepts]
     matrix with `concept_ids` (and optionally `families`); rows are positions, `name_ids` their name. A UnitSet with
-    `ordered` gives its rows in `scorer.order` (pass that `scorer`, built on the same labels, name ids and settings)."""
+    `ordered` gives its rows in `scorer.order` (pass that `scorer`, built on the same labels, name ids and settings).
+    `timings`, when given, collects [wall s, CPU s] per "kind hook"."""
+    import time
+
     if isinstance(labels, Tensor):
         if concept_ids is None:
             raise VillesError("a label matrix needs concept_ids")
@@ -513,6 +551,7 @@ def score(
     rows: list[dict] = []
     with _progress(sum(u.n_units for u in unit_sets), "scoring units", progress) as bar:
         for us in unit_sets:
+            t0 = (time.perf_counter(), time.process_time())
             for start in range(0, us.n_units, settings.unit_chunk):
                 stop = min(start + settings.unit_chunk, us.n_units)
                 chunk = us.chunk(start, stop)
@@ -527,6 +566,10 @@ def score(
                 del chunk
                 rows += _rows(us, start, out, scorer, name_out, name_scorer, settings)
                 bar.update(stop - start)
+            if timings is not None:
+                spent = timings.setdefault(f"{us.kind} {us.hook}", [0.0, 0.0])
+                spent[0] += time.perf_counter() - t0[0]
+                spent[1] += time.process_time() - t0[1]
     return rows
 
 
@@ -638,48 +681,26 @@ def format_summary(summary: Sequence[dict]) -> str:
 
 
 # --- activations of a model at the bank's rows ----------------------------------------------------------------------
-def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
-    """Run blocks only up to the last one a hook needs (later blocks cannot change it)."""
-    import re
-
-    layers = []
-    for h in hooks:
-        m = re.match(r"blocks\.(\d+)\.", h)
-        if not m:
-            return None  # e.g. ln_final or unembed hooks: the whole model
-        layers.append(int(m.group(1)) + 1)
-    stop = max(layers)
-    return None if stop >= n_layers else stop
-
-
 @torch.no_grad()
 def collect(
     model: HookedTransformer, names: Sequence[str], hooks: Sequence[str], batch_size: int = 1024, progress: bool = False
 ) -> dict[str, Float[Tensor, "pos d"]]:
     """Each hook's activations at every character position of `names`, in corpus order (name 0's characters, then
-    name 1's, …: the rows of `interp.concepts.build_bank(names)`), from one forward pass per batch of names."""
+    name 1's, …: the rows of `interp.concepts.build_bank(names)`), streamed by the activation store's `Collector`
+    (one forward pass per batch of names, the same positions as everywhere else)."""
     from tqdm.auto import tqdm
 
-    from training.sae import char_tokenizer, hook_width, sae_positions
+    from interp.activations import Collector, direction_units
 
-    tok = char_tokenizer(model)
-    hooks = list(dict.fromkeys(hooks))
-    widths = {h: hook_width(model, h) for h in hooks}
+    sets = [direction_units(model, h) for h in dict.fromkeys(hooks)]  # the raw vectors of each hook
+    collector = Collector(model, sets, list(names), batch_size=batch_size, neurons=False)
     lengths = torch.tensor([len(n) for n in names])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
-    total = int(lengths.sum())
-    out = {h: torch.empty(total, widths[h]) for h in hooks}
-    stop = _stop_layer(hooks, model.cfg.n_layers)
-    order = sorted(range(len(names)), key=lambda i: len(names[i]))  # similar lengths together: little padding
-    for start in tqdm(range(0, len(order), batch_size), desc="activations", disable=not progress, leave=False):
-        idx = torch.tensor(order[start : start + batch_size])
-        tokens = tok.batch([names[i] for i in idx.tolist()])
-        _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop)
-        mask = sae_positions(tokens)
-        row, col = mask.nonzero(as_tuple=True)
-        dest = offsets[idx][row] + col - 1  # column 0 is <bos>
-        for h in hooks:
-            out[h][dest] = cache[h][mask].float()
+    out = {s.hook: torch.empty(int(lengths.sum()), s.width) for s in sets}
+    for batch in tqdm(collector, desc="activations", disable=not progress, leave=False):
+        dest = offsets[batch.names[batch.row_name]] + batch.pos - 1  # token position 0 is <bos>
+        for s in sets:
+            out[s.hook][dest] = batch.acts[s.id]
     return out
 
 
@@ -745,8 +766,8 @@ def random_model(model: HookedTransformer) -> HookedTransformer:
     from transformer_lens import HookedTransformer
 
     cfg = copy.deepcopy(model.cfg)
-    torch.manual_seed(cfg.seed if cfg.seed is not None else 0)
-    with warnings.catch_warnings():
+    with torch.random.fork_rng(), warnings.catch_warnings():  # the caller's random state is left as it was
+        torch.manual_seed(cfg.seed if cfg.seed is not None else 0)
         warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
         fresh = HookedTransformer(cfg, tokenizer=model.tokenizer, move_to_device=False)
     fresh.eval()
@@ -793,9 +814,10 @@ def load_or_train_control_sae(
     folder: Path | str,
     tokens: int | None = None,
     progress: bool = False,
+    reuse_any: bool = False,
 ) -> tuple[SAE, bool]:
-    """The control SAE in `folder` if it was trained for this model shape and these settings, else train it there
-    (atomically). Returns (sae, trained_now)."""
+    """The control SAE in `folder` if it was trained for this model shape and these settings (any SAE there, with
+    `reuse_any`), else train it there (atomically). Returns (sae, trained_now)."""
     import json
     import shutil
     import tempfile
@@ -807,6 +829,8 @@ def load_or_train_control_sae(
     settings = control_settings(sae, tokens)
     key = _control_key(model, settings)
     fresh = random_model(model)
+    if reuse_any and folder.exists():
+        return load_sae(folder, fresh), False
     if (folder / "cfg.json").is_file():
         try:
             recorded = json.loads((folder / "cfg.json").read_text(encoding="utf-8"))["metadata"].get("villes_control")
@@ -914,9 +938,10 @@ def monosemanticity(
     for us in units:
         us.ordered = True
     t = clock("units", t)
+    by_kind: dict[str, list[float]] = {}
     rows = score(
         units, bank.labels, bank.name_ids, name_labels=bank.name_labels, settings=settings, scorer=scorer,
-        progress=progress,
+        progress=progress, timings=by_kind,
     )  # fmt: skip
     clock("scoring", t)
     info = {
@@ -930,6 +955,7 @@ def monosemanticity(
         "bank_settings": _asdict(bank.settings),
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "scoring_by_kind": {k: {"wall_s": round(v[0], 2), "cpu_s": round(v[1], 2)} for k, v in by_kind.items()},
         "torch_threads": torch.get_num_threads(),
     }
     concepts = {"concepts": bank.describe(), "aliases": bank.aliases}
@@ -940,3 +966,239 @@ def _asdict(obj) -> dict:
     from dataclasses import asdict
 
     return asdict(obj)
+
+
+# --- figures and files ----------------------------------------------------------------------------------------------
+def _kind_label(row: dict) -> str:
+    layer = row["hook"].split(".")[1] if row["hook"].startswith("blocks.") else ""
+    tag = f" L{layer}" if row["kind"] in ("neuron", "neuron_topk") and layer else ""
+    return ("(control) " if row["kind"] in CONTROL_KINDS else "") + row["kind"] + tag
+
+
+def figures(rows: Sequence[dict]) -> dict:
+    """Plotly figures: Mono1 and Mono2 distributions by kind (unflagged units), and Mono1 against activation density
+    (every unit that is not dead: dense ones too, so the frequency confound is visible)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    kinds = list(dict.fromkeys(_kind_label(r) for r in rows))
+    dist = make_subplots(
+        rows=1, cols=2, subplot_titles=("Mono1: held-out best-concept F1", "Mono2: F1(c1) / F1(union)")
+    )
+    for i, kind in enumerate(kinds):
+        scored = [r for r in rows if _kind_label(r) == kind and not r["flags"] and r["mono1"] is not None]
+        for col, key in ((1, "mono1"), (2, "mono2")):
+            dist.add_trace(
+                go.Box(
+                    y=[r[key] for r in scored if r[key] is not None],
+                    name=kind,
+                    legendgroup=kind,
+                    showlegend=col == 1,
+                    marker_color=_COLORS[i % len(_COLORS)],
+                    boxpoints=False,
+                ),
+                row=1,
+                col=col,
+            )
+    dist.update_layout(title="Monosemanticity by unit kind (dead and dense units left out)", height=520)
+    dens = go.Figure()
+    for i, kind in enumerate(kinds):
+        live = [r for r in rows if _kind_label(r) == kind and r["flags"] != "dead" and r["mono1"] is not None]
+        dens.add_trace(
+            go.Scattergl(
+                x=[r["density"] for r in live],
+                y=[r["mono1"] for r in live],
+                mode="markers",
+                name=kind,
+                marker={"size": 4, "opacity": 0.55, "color": _COLORS[i % len(_COLORS)]},
+                text=[f"{r['unit']} {r['hook']}: {r['concept']} (θ {r['theta']})" for r in live],
+                hoverinfo="text+x+y",
+            )
+        )
+    dens.add_vline(x=0.1, line_dash="dot", annotation_text="dense (10%)")
+    dens.update_layout(
+        title="Mono1 against activation density (share of positions where the unit is > 0)",
+        xaxis={"type": "log", "title": "activation density"},
+        yaxis={"title": "Mono1 (held-out F1)"},
+        height=520,
+    )
+    return {"distributions": dist, "density": dens}
+
+
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+FORMAT = "villes-monosemanticity-1"
+CONTROL_DIR = "control_sae"
+
+
+def _csv(rows: Sequence[dict], fields: Sequence[str]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in fields})
+    return buf.getvalue()
+
+
+def write_report(report: Report, folder: Path | str, figs: bool = True) -> None:
+    """units.csv / units.json (one row per unit), summary.json, summary.txt, concepts.json, figures.html, written
+    into `folder` (which may already hold a control_sae/ folder; nothing else is touched)."""
+    import json
+
+    import plotly.io as pio
+
+    from training import checkpoint as ckpt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(folder / "units.csv", _csv(report.rows, ROW_FIELDS))
+    ckpt.atomic_write_text(folder / "units.json", json.dumps(report.rows, ensure_ascii=False) + "\n")
+    ckpt.atomic_write_json(folder / "summary.json", {"format": FORMAT, "summary": report.summary, **report.info})
+    ckpt.atomic_write_text(folder / "summary.txt", format_summary(report.summary) + "\n")
+    ckpt.atomic_write_json(folder / "concepts.json", report.bank)
+    if figs:
+        parts = []
+        for i, (name, fig) in enumerate(figures(report.rows).items()):
+            parts.append(f"<h2>{name}</h2>" + pio.to_html(fig, full_html=False, include_plotlyjs=i == 0))
+        html = "<!doctype html><html><head><meta charset='utf-8'><title>villes monosemanticity</title></head><body>"
+        ckpt.atomic_write_text(folder / "figures.html", html + "\n".join(parts) + "</body></html>\n")
+
+
+def read_rows(folder: Path | str) -> list[dict]:
+    """The per-unit rows of a monosemanticity folder (for the dashboards' label slot, the steering's feature picks)."""
+    import json
+
+    path = Path(folder) / "units.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VillesError(f"cannot read monosemanticity rows {path}: {e}") from None
+
+
+def units_for(rows: Sequence[dict], concept: str, kind: str = "feature", level: str = "position") -> list[dict]:
+    """The unflagged units of `kind` whose best concept is `concept` (e.g. "word=saint"; at level "name", a region such
+    as "region=Bretagne"), best Mono1 first: how steering picks the features of a concept."""
+    key, score_key = ("concept", "mono1") if level == "position" else ("name_concept", "name_mono1")
+    if level not in ("position", "name"):
+        raise VillesError(f"level must be position or name, got {level!r}")
+    hits = [r for r in rows if r["kind"] == kind and not r["flags"] and r[key] == concept and r[score_key] is not None]
+    return sorted(hits, key=lambda r: (-r[score_key], r["index"]))
+
+
+def check_out(out: Path) -> None:
+    """--out may be new, empty, or an earlier monosemanticity folder (replaced whole); never a file or other data."""
+    import json
+
+    if out.exists() and not out.is_dir():
+        raise VillesError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            fmt = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError):
+            fmt = None
+        if fmt != FORMAT:
+            raise VillesError(
+                f"--out {out} holds something that is not a monosemanticity folder: refusing to replace it"
+            )
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+def cmd_monosemanticity(args) -> int:
+    import json
+    import shutil
+    import tempfile
+
+    from training.checkpoint import read_json
+    from training.data import load_corpus
+    from training.sae import REPO_ROOT, load_sae
+    from training.tokenizer import replace_dir
+    from training.transformer import load_model
+
+    out: Path = args.out
+    checkpoint = args.checkpoint or REPO_ROOT / "checkpoints" / "transformer"
+    sae_dir = None if args.no_sae else (args.sae or REPO_ROOT / "checkpoints" / "sae")
+    settings = MonoSettings(split_seed=args.seed, seed=args.seed)
+    settings.validate()
+    if args.control_tokens is not None and args.control_tokens <= 0:
+        raise VillesError(f"--control-tokens must be positive, got {args.control_tokens}")
+    check_out(out)
+    for other in (checkpoint, sae_dir, args.control_sae):
+        if other is not None and out.resolve() == Path(other).resolve():
+            raise VillesError(f"--out {out} is also an input folder: choose another")
+    model = load_model(checkpoint)
+    sae = None
+    if sae_dir is not None:
+        if not Path(sae_dir).exists() and args.sae is None:
+            raise VillesError(f"no SAE at {sae_dir}: pass --sae DIR, or --no-sae for neurons and directions only")
+        sae = load_sae(sae_dir, checkpoint)
+    info = read_json(Path(checkpoint) / "config.json").get("corpus", {})
+    corpus = load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True))
+    communes = corpus.split("all")
+    names, regions = [c.name for c in communes], [c.region for c in communes]
+    from training.sae import char_tokenizer
+
+    tok = char_tokenizer(model)
+    for name in names:  # fail before any work on a character the model lacks
+        tok.encode(name)
+    progress = not args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        control, trained = None, False
+        controls = not args.no_controls
+        if controls and sae is not None:
+            if args.control_sae is not None:
+                folder = Path(args.control_sae)
+            else:  # kept with the results and reused by the next run into the same --out
+                folder = tmp / CONTROL_DIR
+                if (out / CONTROL_DIR).is_dir():
+                    shutil.copytree(out / CONTROL_DIR, folder)
+            if progress:
+                print(f"control SAE (random-init model, same settings): {folder}", file=sys.stderr)
+            control, trained = load_or_train_control_sae(
+                model, sae, corpus.split_names("train"), folder, args.control_tokens, progress,
+                reuse_any=args.control_sae is not None,
+            )  # fmt: skip
+        report = monosemanticity(model, sae, names, regions, control_sae=control, settings=settings,
+                                 controls=controls, progress=progress)  # fmt: skip
+        report.info.update(
+            checkpoint=str(checkpoint), sae=str(sae_dir) if sae is not None else None,
+            control_sae=str(args.control_sae or out / CONTROL_DIR) if control is not None else None,
+            control_sae_trained_now=trained if control is not None else None,
+        )  # fmt: skip
+        write_report(report, tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"summary": report.summary, **report.info}, ensure_ascii=False))
+        return 0
+    print(format_summary(report.summary))
+    t = report.info["wall_s"]
+    print(f"{len(report.rows)} units, {report.info['concepts']} concepts, {report.info['positions']} positions; "
+          f"{sum(t.values()):.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in t.items())}); written to {out}")  # fmt: skip
+    return 0
+
+
+def add_monosemanticity_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "monosemanticity", help="score every neuron, SAE feature and direction against the automatic concept bank"
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="transformer checkpoint (default checkpoints/transformer)"
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sae", type=Path, default=None, help="SAELens SAE folder (default checkpoints/sae)")
+    g.add_argument("--no-sae", action="store_true", help="neurons and basis directions only")
+    p.add_argument("--out", type=Path, required=True, help="output folder (new, empty, or an earlier one: replaced)")
+    p.add_argument("--control-sae", type=Path, default=None,
+                   help="the random-init SAE control: loaded from this folder, trained into it if absent "
+                        "(default: OUT/control_sae, reused across runs)")  # fmt: skip
+    p.add_argument("--control-tokens", type=int, default=None,
+                   help="train the control SAE on this many tokens instead of the SAE's own number")  # fmt: skip
+    p.add_argument("--no-controls", action="store_true", help="skip random directions, top-k neurons, control SAE")
+    p.add_argument("--seed", type=int, default=0, help="the A/B split of the names and the random directions")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (and no progress bars)")
+    p.set_defaults(func=cmd_monosemanticity)

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from training.errors import VillesError
@@ -81,6 +82,7 @@ class RegionClassifier:
         self.vocab, self.regions, self.orders = vocab, list(regions), tuple(orders)
         self.weight, self.bias = weight, bias  # [n_grams, regions], [regions]
         self.index = {r: i for i, r in enumerate(self.regions)}
+        self.fingerprint = ""  # of the corpus and settings it was trained on (see load_or_train_classifier)
 
     def features(self, names: Sequence[str]) -> Tensor:
         """Sparse [names, n_grams] counts (a sparse product keeps training and scoring fast on a CPU)."""
@@ -93,6 +95,7 @@ class RegionClassifier:
             torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
             torch.ones(len(rows)),
             (len(names), len(self.vocab)),
+            check_invariants=False,  # built right here; checking would only cost time
         )
         return x.coalesce()
 
@@ -117,6 +120,7 @@ class RegionClassifier:
         from training.checkpoint import atomic_save_tensors
 
         meta = {"regions": json.dumps(self.regions, ensure_ascii=False), "orders": json.dumps(self.orders)}
+        meta["fingerprint"] = getattr(self, "fingerprint", "") or ""
         meta["vocab"] = json.dumps(sorted(self.vocab, key=self.vocab.get), ensure_ascii=False)
         atomic_save_tensors({"weight": self.weight, "bias": self.bias}, path, metadata=meta)
 
@@ -131,7 +135,9 @@ class RegionClassifier:
         except (OSError, ValueError) as e:
             raise VillesError(f"cannot read region classifier {path}: {e}") from None
         vocab = {g: i for i, g in enumerate(json.loads(meta["vocab"]))}
-        return cls(vocab, json.loads(meta["regions"]), weight, bias, json.loads(meta["orders"]))
+        clf = cls(vocab, json.loads(meta["regions"]), weight, bias, json.loads(meta["orders"]))
+        clf.fingerprint = meta.get("fingerprint", "")
+        return clf
 
 
 def train_region_classifier(
@@ -182,6 +188,31 @@ def train_region_classifier(
     }
 
 
+def _fingerprint(corpus: Corpus, settings: ClassifierSettings) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for c in corpus.communes:
+        h.update(f"{c.name}\t{c.region}\n".encode())
+    return h.hexdigest()
+
+
+def load_or_train_classifier(
+    corpus: Corpus, cache: Path | str | None = None, settings: ClassifierSettings = ClassifierSettings()
+) -> tuple[RegionClassifier, dict]:
+    """The classifier from `cache` if it was trained on this corpus with these settings, else trained (and cached)."""
+    fingerprint = _fingerprint(corpus, settings)
+    if cache is not None and Path(cache).is_file():
+        clf = RegionClassifier.load(cache)
+        if getattr(clf, "fingerprint", None) == fingerprint:
+            return clf, {"cached": str(cache)}
+    clf, info = train_region_classifier(corpus, settings)
+    clf.fingerprint = fingerprint
+    if cache is not None:
+        clf.save(cache)
+    return clf, info
+
+
 class NaiveBayes:
     """The floor: multinomial naive Bayes over 1–3-grams, add-one smoothing."""
 
@@ -219,19 +250,71 @@ def recall_table(predict, corpus: Corpus, split: str = "test") -> dict[str, tupl
 
 
 # --- activations by region --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _acts_and_rows(
-    model: HookedTransformer, tokenizer: CharTokenizer, names: Sequence[str], hook_name: str
-) -> tuple[Float[Tensor, "n d"], Int[Tensor, " n"]]:
-    """Activations at every position that predicts a letter or the end (<bos> and the characters; not <eos>, not
-    padding), flattened, with the index of the name each comes from."""
-    from interp.steering import activations
+@dataclass
+class RegionSample:
+    """Activations at some hooks over a sample of train names: every name of the target region plus a uniform sample
+    of all train names (the overall mean). Positions are <bos> and the characters (the ones that predict a letter or
+    the end), flattened; `rows` maps each position back to its name."""
 
-    tokens = tokenizer.batch(names)
-    acts = activations(model, tokens, hook_name)
-    keep = (tokens != 0) & (tokens != 2)
-    rows = torch.arange(len(names))[:, None].expand_as(tokens)
-    return acts[keep], rows[keep]
+    region: str
+    names: list[str]
+    in_region: Bool[Tensor, " names"]
+    uniform: Bool[Tensor, " names"]  # part of the uniform sample
+    rows: Int[Tensor, " positions"]  # name index of each position
+    positions: Int[Tensor, " positions"]  # absolute position
+    acts: dict[str, Float[Tensor, "positions d"]]
+
+    def region_mask(self) -> Tensor:
+        return self.in_region[self.rows]
+
+    def uniform_mask(self) -> Tensor:
+        return self.uniform[self.rows]
+
+
+@torch.no_grad()
+def collect_region_sample(
+    model: HookedTransformer,
+    tokenizer: CharTokenizer,
+    corpus: Corpus,
+    region: str,
+    hook_names: Sequence[str],
+    n_uniform: int = 6000,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> RegionSample:
+    from interp.steering import hook_shape
+
+    check_region(corpus, region)
+    for h in hook_names:
+        hook_shape(model, h)
+    train = corpus.split("train")
+    gen = torch.Generator().manual_seed(seed)
+    pick = set(torch.randperm(len(train), generator=gen)[: min(n_uniform, len(train))].tolist())
+    chosen = [i for i, c in enumerate(train) if c.region == region or i in pick]
+    names = [train[i].name for i in chosen]
+    in_region = torch.tensor([train[i].region == region for i in chosen])
+    uniform = torch.tensor([i in pick for i in chosen])
+    order = sorted(range(len(names)), key=lambda i: len(names[i]))  # similar lengths together: little padding
+    acts: dict[str, list[Tensor]] = {h: [] for h in hook_names}
+    rows, positions = [], []
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0 : b0 + batch_size]
+        tokens = tokenizer.batch([names[i] for i in idx], drop_unknown=True)[:, : model.cfg.n_ctx]
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in acts)
+        keep = (tokens != 0) & (tokens != 2)  # <bos> and characters
+        for h in hook_names:
+            acts[h].append(cache[h][keep])
+        rows.append(torch.tensor(idx)[:, None].expand_as(tokens)[keep])
+        positions.append(torch.arange(tokens.shape[1]).expand_as(tokens)[keep])
+    return RegionSample(
+        region,
+        names,
+        in_region,
+        uniform,
+        torch.cat(rows),
+        torch.cat(positions),
+        {h: torch.cat(v) for h, v in acts.items()},
+    )
 
 
 @dataclass
@@ -242,61 +325,43 @@ class RegionDirection:
     overall_mean: float
 
 
-@torch.no_grad()
-def diff_of_means(
-    model: HookedTransformer, tokenizer: CharTokenizer, corpus: Corpus, region: str, hook_name: str
-) -> RegionDirection:
-    check_region(corpus, region)
-    train = corpus.split("train")
-    acts, rows = _acts_and_rows(model, tokenizer, [c.name for c in train], hook_name)
-    in_region = torch.tensor([c.region == region for c in train])[rows]
-    mu_r, mu = acts[in_region].mean(0), acts.mean(0)
+def diff_of_means(sample: RegionSample, hook_name: str) -> RegionDirection:
+    """mean over the region's names − mean over all names (a uniform sample), at every kept position."""
+    acts = sample.acts[hook_name]
+    mu_r, mu = acts[sample.region_mask()].mean(0), acts[sample.uniform_mask()].mean(0)
     d = mu_r - mu
-    dd = float(d @ d)
+    dd = float(d @ d) or 1.0
     return RegionDirection(hook_name, d, float(mu_r @ d) / dd, float(mu @ d) / dd)
 
 
-@torch.no_grad()
 def probe_direction(
-    model: HookedTransformer,
-    tokenizer: CharTokenizer,
-    corpus: Corpus,
-    region: str,
-    hook_name: str,
-    epochs: int = 8,
-    weight_decay: float = 1e-3,
-    seed: int = 0,
+    sample: RegionSample, hook_name: str, steps: int = 300, weight_decay: float = 1e-3, seed: int = 0
 ) -> RegionDirection:
-    """A one-vs-rest logistic probe on the hook's activations; the returned direction has the probe's orientation and
-    the difference of means' length (so that the same alpha moves activations by comparable amounts)."""
-    check_region(corpus, region)
-    train = corpus.split("train")
-    acts, rows = _acts_and_rows(model, tokenizer, [c.name for c in train], hook_name)
-    y = torch.tensor([c.region == region for c in train], dtype=torch.float)[rows]
+    """A one-vs-rest logistic probe (class-balanced, full-batch Adam on standardized activations). The direction
+    has the probe's orientation in raw activation space and the difference of means' length, so that the same alpha
+    moves activations by comparable amounts."""
+    acts = sample.acts[hook_name]
+    y = sample.region_mask().float()
     mu, sd = acts.mean(0), acts.std(0) + 1e-6
     z = (acts - mu) / sd
-    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     w = torch.zeros(acts.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=1e-2)
-    pos_weight = torch.tensor((1 - y.mean()) / y.mean())  # balanced: the region is a small class
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    pos_weight = (1 - y.mean()) / y.mean()  # balanced: the region is the small class
     with torch.enable_grad():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(z), generator=gen).split(4096):
-                loss = (
-                    torch.nn.functional.binary_cross_entropy_with_logits(z[idx] @ w + b, y[idx], pos_weight=pos_weight)
-                    + weight_decay * (w**2).sum()
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    direction = w.detach() / sd  # the probe's weight in raw activation space
-    dm = acts[y.bool()].mean(0) - mu
-    direction = direction / direction.norm() * dm.norm()
-    dd = float(direction @ direction)
-    return RegionDirection(
-        hook_name, direction, float(acts[y.bool()].mean(0) @ direction) / dd, float(mu @ direction) / dd
-    )
+        for _ in range(steps):
+            loss = F.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight)
+            loss = loss + weight_decay * (w**2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    direction = w.detach() / sd  # z·w = (x − mu)·(w / sd): the probe's weight on raw activations
+    dm = diff_of_means(sample, hook_name)
+    direction = direction / direction.norm() * dm.direction.norm()
+    dd = float(direction @ direction) or 1.0
+    mu_r, mu_all = acts[sample.region_mask()].mean(0), acts[sample.uniform_mask()].mean(0)
+    return RegionDirection(hook_name, direction, float(mu_r @ direction) / dd, float(mu_all @ direction) / dd)
 
 
 @dataclass
@@ -309,45 +374,144 @@ class RegionFeature:
 
 @torch.no_grad()
 def region_features(
-    model: HookedTransformer,
-    tokenizer: CharTokenizer,
-    corpus: Corpus,
-    sae: SAE,
-    region: str,
-    top: int = 5,
-    min_frequency: float = 1e-3,
-    hook_name: str | None = None,
+    sample: RegionSample, sae: SAE, top: int = 5, min_frequency: float = 2e-3, hook_name: str | None = None
 ) -> list[RegionFeature]:
-    """The SAE features most associated with a region, by lift over the train split's positions. A stand-in for the
+    """The SAE features most associated with the region, by lift over the sample's positions. A stand-in for the
     concept bank's region labels (plug those in here when they exist)."""
     from interp.steering import sae_hook_name
 
-    check_region(corpus, region)
-    train = corpus.split("train")
-    acts, rows = _acts_and_rows(model, tokenizer, [c.name for c in train], sae_hook_name(sae, hook_name))
-    in_region = torch.tensor([c.region == region for c in train])[rows]
-    sums_r = torch.zeros(sae.cfg.d_sae)
-    sums = torch.zeros(sae.cfg.d_sae)
-    fires = torch.zeros(sae.cfg.d_sae)
-    fires_r = torch.zeros(sae.cfg.d_sae)
-    for idx in torch.arange(len(acts)).split(8192):
-        f = sae.encode(acts[idx]).float()
-        sums += f.sum(0)
-        fires += (f > 0).float().sum(0)
-        sums_r += f[in_region[idx]].sum(0)
-        fires_r += (f[in_region[idx]] > 0).float().sum(0)
-    mean, mean_r = sums / len(acts), sums_r / in_region.sum()
-    freq = fires / len(acts)
+    acts = sample.acts[sae_hook_name(sae, hook_name)]
+    f = torch.cat([sae.encode(a).float() for a in acts.split(8192)])
+    reg, uni = sample.region_mask(), sample.uniform_mask()
+    mean_r, mean = f[reg].mean(0), f[uni].mean(0)
+    freq = (f[uni] > 0).float().mean(0)
+    active_r = torch.where(f[reg] > 0, f[reg], 0).sum(0) / (f[reg] > 0).sum(0).clamp(min=1)
     lift = (mean_r + 1e-9) / (mean + 1e-9)
     lift[freq < min_frequency] = 0
     order = lift.argsort(descending=True)[:top].tolist()
-    return [RegionFeature(i, float(lift[i]), float(sums_r[i] / fires_r[i].clamp(min=1)), float(freq[i])) for i in order]
+    return [RegionFeature(i, float(lift[i]), float(active_r[i]), float(freq[i])) for i in order]
+
+
+# --- fitted steering vectors ------------------------------------------------------------------------------------------
+@dataclass
+class FittedVectors:
+    """Steering vectors fitted by gradient descent (the model frozen) to make the region's train names likely: one
+    vector per hook for each of the first `first` positions and one shared by all later positions (or none)."""
+
+    vectors: dict[str, Tensor]  # hook -> [first + 1, d]
+    first: int
+    shared: bool
+    history: list[dict]
+
+    def hooks(self, model: HookedTransformer, alpha: float = 1.0) -> list[Hook]:
+        from interp.steering import Where, add_direction
+
+        out: list[Hook] = []
+        for h, v in self.vectors.items():
+            for p in range(self.first):
+                if v[p].abs().sum() > 0:
+                    out += add_direction(model, h, v[p], alpha, where=Where(positions=(p,)))
+            if self.shared and v[self.first].abs().sum() > 0:
+                out += add_direction(model, h, v[self.first], alpha, where=Where(positions=_from(self.first, model)))
+        return out
+
+
+@torch.no_grad()
+def _sequence_log_probs(model: HookedTransformer, tokens: Int[Tensor, "n pos"]) -> Float[Tensor, " n"]:
+    from training.lm import token_nll
+
+    return torch.cat([-token_nll(model(_trim(t)), _trim(t)).sum(1) for t in tokens.split(1024)])
+
+
+def _trim(t: Tensor) -> Tensor:
+    return t[:, : int((t != 0).sum(1).max())]
+
+
+def _from(first: int, model) -> tuple[int, ...]:
+    return tuple(range(first, model.cfg.n_ctx))
+
+
+def fit_region_vectors(
+    model: HookedTransformer,
+    tokenizer: CharTokenizer,
+    corpus: Corpus,
+    region: str,
+    hook_names: Sequence[str] = ("blocks.0.hook_resid_pre",),
+    first: int = 3,
+    shared: bool = True,
+    steps: int = 150,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    contrast: float = 0.0,
+    seed: int = 0,
+) -> FittedVectors:
+    """Maximize the likelihood of the region's train names under the steered model. With `contrast` > 0, add a
+    preference term (as DPO, and BiPO for steering vectors): the steering must raise the region's names more than
+    it raises other names, each relative to the unsteered model, with `contrast` as DPO's beta. Likelihood alone
+    covers every name of the region, generic ones included ("saint-martin"); the contrast pushes toward what sets
+    the region apart."""
+    from training.lm import mean_nll, token_nll
+
+    check_region(corpus, region)
+    names = [c.name for c in corpus.split("train") if c.region == region]
+    others = [c.name for c in corpus.split("train") if c.region != region]
+    pool = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:4096].tolist()
+    other_tokens = tokenizer.batch([others[i] for i in pool], drop_unknown=True)[:, : model.cfg.n_ctx]
+    val = [c.name for c in corpus.split("val") if c.region == region]
+    tokens = tokenizer.batch(names, drop_unknown=True)[:, : model.cfg.n_ctx]
+    val_tokens = tokenizer.batch(val, drop_unknown=True)[:, : model.cfg.n_ctx] if val else None
+    vecs = torch.zeros(len(hook_names), first + 1, model.cfg.d_model, requires_grad=True)
+    keep = torch.ones(first + 1, 1)
+    if not shared:
+        keep[first] = 0
+
+    def make(i):
+        def fn(x, hook):
+            p = torch.arange(x.shape[1]).clamp(max=first)
+            return x + (vecs[i] * keep)[p]
+
+        return fn
+
+    hooks = [(h, make(i)) for i, h in enumerate(hook_names)]
+    opt = torch.optim.Adam([vecs], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    if contrast > 0:  # the unsteered log-likelihoods, once: each step then runs only the steered model
+        ref, ref_other = _sequence_log_probs(model, tokens), _sequence_log_probs(model, other_tokens)
+    grads = [p.requires_grad for p in model.parameters()]
+    history = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for step in range(1, steps + 1):
+                for group in opt.param_groups:  # cosine decay: the last steps settle instead of jittering
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+                idx = torch.randint(len(tokens), (batch_size,), generator=gen)
+                t = _trim(tokens[idx])
+                logits = model.run_with_hooks(t, fwd_hooks=hooks)
+                loss = mean_nll(logits, t)
+                if contrast > 0:
+                    jdx = torch.randint(len(other_tokens), (batch_size,), generator=gen)
+                    o = _trim(other_tokens[jdx])
+                    gain_t = -token_nll(logits, t).sum(1) - ref[idx]
+                    gain_o = -token_nll(model.run_with_hooks(o, fwd_hooks=hooks), o).sum(1) - ref_other[jdx]
+                    loss = loss - F.logsigmoid(contrast * (gain_t - gain_o)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if val_tokens is not None and (step % 50 == 0 or step == steps):
+                    with torch.no_grad():
+                        clean = float(mean_nll(model(val_tokens), val_tokens))
+                        steered = float(mean_nll(model.run_with_hooks(val_tokens, fwd_hooks=hooks), val_tokens))
+                    history.append({"step": step, "val_nll_clean": clean, "val_nll_steered": steered})
+    finally:
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+    v = (vecs.detach() * keep).clone()
+    return FittedVectors({h: v[i] for i, h in enumerate(hook_names)}, first, shared, history)
 
 
 # --- steering toward a region -----------------------------------------------------------------------------------------
-METHODS = ("diffmean-add", "diffmean-clamp", "probe-add", "sae-add", "sae-clamp")
-
-
 def direction_steering(
     model: HookedTransformer, rd: RegionDirection, mode: str, alpha: float, where: Where | None = None
 ) -> list[Hook]:
@@ -376,24 +540,50 @@ def feature_steering(
 
 
 DEFAULT_HOOK = "blocks.0.hook_resid_pre"
-DEFAULT_ALPHA = 4.0
+DEFAULT_ALPHA = {"fitted": 1.2, "diff-of-means": 4.0, "probe": 4.0}
+FIT = {"first": 5, "shared": True, "steps": 300, "contrast": 0.03}  # the fitted method as benchmarked
+CLASSIFIER_CACHE = Path(__file__).resolve().parent.parent / "out" / "bench" / "region_classifier.safetensors"
 
 
-def region_direction_hooks(
+def region_steering_hooks(
     model: HookedTransformer,
     tokenizer: CharTokenizer,
     corpus: Corpus,
     region: str,
+    method: str = "fitted",
     hook_name: str | None = None,
     alpha: float | None = None,
     where: Where | None = None,
+    progress: bool = False,
 ) -> list[Hook]:
-    """The CLI's region steering: the difference of means at `hook_name`, added with strength alpha."""
-    from interp.steering import check_finite, hook_shape
+    """The CLI's region steering. fitted: vectors fitted to the region's names at the residual stream entering each
+    block (`where` does not apply: they have their own positions); diff-of-means, probe: a direction at `hook_name`,
+    added with strength alpha."""
+    from interp.steering import check_finite
 
     check_region(corpus, region)
+    if method not in DEFAULT_ALPHA:
+        raise VillesError(f"unknown region steering method {method!r}: choose one of {', '.join(DEFAULT_ALPHA)}")
+    alpha = DEFAULT_ALPHA[method] if alpha is None else check_finite(alpha, "--alpha")
+    if method == "fitted":
+        if where is not None or hook_name is not None:
+            raise VillesError(
+                "--method fitted chooses its own hooks and positions: drop --hook/--first/--positions/--after"
+            )
+        hooks = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+        if progress:
+            print(f"fitting steering vectors for {region} ({FIT['steps']} steps)...", file=sys.stderr, flush=True)
+        return fit_region_vectors(model, tokenizer, corpus, region, hooks, **FIT).hooks(model, alpha)
     hook_name = hook_name or DEFAULT_HOOK
-    hook_shape(model, hook_name)
-    alpha = DEFAULT_ALPHA if alpha is None else check_finite(alpha, "--alpha")
-    rd = diff_of_means(model, tokenizer, corpus, region, hook_name)
+    sample = collect_region_sample(model, tokenizer, corpus, region, [hook_name])
+    rd = diff_of_means(sample, hook_name) if method == "diff-of-means" else probe_direction(sample, hook_name)
     return direction_steering(model, rd, "add", alpha, where)
+
+
+def cached_classifier(corpus: Corpus) -> RegionClassifier:
+    """The benchmark's cached classifier when it matches this corpus; otherwise one trained now (not written)."""
+    if CLASSIFIER_CACHE.is_file():
+        clf = RegionClassifier.load(CLASSIFIER_CACHE)
+        if clf.fingerprint == _fingerprint(corpus, ClassifierSettings()):
+            return clf
+    return train_region_classifier(corpus)[0]

@@ -339,6 +339,7 @@ def feature_means(
     """Mean activation of every feature over the given positions (default: all non-padding ones)."""
     acts = activations(model, tokens, sae_hook_name(sae, hook_name))
     mask = (tokens != 0) if mask is None else mask
+    mask = mask[:, : acts.shape[1]]
     return sae.encode(acts[mask]).mean(0)
 
 
@@ -435,8 +436,10 @@ def compose(*hook_lists: Sequence[Hook]) -> list[Hook]:
 def activations(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], hook_name: str, batch_size: int = 2048
 ) -> Float[Tensor, "batch pos ..."]:
-    """One hook's activations on a batch of token rows (later blocks are not run)."""
+    """One hook's activations on a batch of token rows (later blocks are not run); rows longer than the context are
+    cut to it."""
     hook_shape(model, hook_name)
+    tokens = tokens[:, : model.cfg.n_ctx]
     layer = _layer_of(hook_name)
     got: list[Tensor] = []
 
@@ -686,9 +689,15 @@ def add_steer_parser(subparsers) -> None:
     p.add_argument("--add", action="append", default=[], metavar="F=A", help="add A x feature F's decoder direction")
     p.add_argument("--scale", action="append", default=[], metavar="F=S", help="multiply feature F by S")
     p.add_argument("--ablate", action="append", default=[], metavar="F[=mean]", help="zero (or mean) ablate F")
-    p.add_argument("--region", default=None, help="steer toward a region (difference of means; see --hook, --alpha)")
+    p.add_argument("--region", default=None, help="steer toward a region, e.g. Bretagne (see --method, --alpha)")
+    p.add_argument(
+        "--method",
+        default="fitted",
+        choices=["fitted", "diff-of-means", "probe"],
+        help="region steering: fitted vectors (contrastive, the best measured), or a direction at --hook",
+    )
     p.add_argument("--alpha", type=float, default=None, help="region steering strength (default: the method's)")
-    p.add_argument("--hook", default=None, help="hook of the region direction (default blocks.0.hook_resid_pre)")
+    p.add_argument("--hook", default=None, help="hook of a region direction (default blocks.0.hook_resid_pre)")
     p.add_argument("--first", type=int, default=None, help="steer only positions < FIRST (0 is <bos>)")
     p.add_argument("--positions", default=None, help="steer only these positions, e.g. 0,1,2")
     p.add_argument("--after", default=None, help="steer only the letter right after one of these characters")
@@ -742,15 +751,22 @@ def cmd_steer(args) -> int:
     if edits:
         sae = load_sae_folder(args.sae or DEFAULT_CHECKPOINTS["transformer"].parent / "sae")
         if any(e == "mean" for e in edits.values()):
-            tokens = tokenizer.batch(corpus.split_names("val"))
+            tokens = tokenizer.batch(corpus.split_names("val"), drop_unknown=True)
             means = feature_means(model, sae, tokens)
             edits = {i: Edit("ablate", float(means[i])) if e == "mean" else e for i, e in edits.items()}
         hooks += feature_hooks(model, sae, edits, where=where, keep_error=not args.no_error_term)
+    extra = None
     if args.region is not None:
-        from interp.regions import region_direction_hooks
+        from interp.regions import cached_classifier, region_steering_hooks
 
-        hooks += region_direction_hooks(model, tokenizer, corpus, args.region, args.hook, args.alpha, where)
-    report = effect_report(model, tokenizer, corpus, hooks, n=args.n, seed=args.seed, temperature=args.temperature)
+        hooks += region_steering_hooks(
+            model, tokenizer, corpus, args.region, args.method, args.hook, args.alpha, where, progress=not args.json
+        )
+        clf = cached_classifier(corpus)
+        extra = {f"region: {args.region}": lambda names: clf.is_region(names, args.region)}
+    report = effect_report(
+        model, tokenizer, corpus, hooks, n=args.n, seed=args.seed, temperature=args.temperature, extra=extra
+    )
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
         return 0

@@ -238,12 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     from training.sae_cli import add_sae_parsers
 
     add_sae_parsers(sub, tsub)
+    from interp.steering import add_steer_parser
+
+    add_steer_parser(sub)
     from interp.attribution_cli import add_attribute_parser
 
     add_attribute_parser(sub)
     from interp.dashboards import add_dashboards_parser
 
     add_dashboards_parser(sub)
+    from interp.monosemanticity import add_monosemanticity_parser
+
+    add_monosemanticity_parser(sub)
     return parser
 
 

@@ -51,6 +51,8 @@ K_ARCHS = ("topk", "batchtopk", "jumprelu")  # jumprelu reads k as its target L0
 L1_ARCHS = ("standard", "jumprelu")  # jumprelu reads l1 as its L0 coefficient
 DEFAULT_K = 8.0
 DEFAULT_L1 = 2.0  # standard
+# SAELens's sparse decoder matmul: about twice the dense path's speed here; it cannot rescale by decoder norms
+TOPK = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
 # JumpReLU at this scale (inputs of mean norm sqrt(d_in)): SAELens's defaults (threshold 0.01, bandwidth 0.05) leave
 # the threshold's gradient window so narrow that L0 never comes down to its target; these came from a short search
 # on a 2-layer d_model 128 model (pre_act_loss is Anthropic's push on dead latents, applied to dead ones only).
@@ -223,10 +225,7 @@ def build_training_sae(settings: SAESettings, d_in: int, metadata: dict[str, Any
     warm = max(1, steps // 20)  # sparsity penalties ramp up over the first 5% of steps
     torch.manual_seed(settings.seed)
     if settings.arch == "topk":
-        cfg = TopKTrainingSAEConfig(
-            **common, k=int(settings.sparsity_k()), use_sparse_activations=True, rescale_acts_by_decoder_norm=False
-        )
-        return TopKTrainingSAE(cfg)
+        return TopKTrainingSAE(TopKTrainingSAEConfig(**common, **TOPK, k=int(settings.sparsity_k())))
     if settings.arch == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=settings.sparsity_k()))
     if settings.arch == "standard":
@@ -456,8 +455,15 @@ def check_output_folder(out: Path, checkpoint: Path | None = None) -> None:
         raise VillesError(f"--out {out} holds something that is not an SAE folder: refusing to replace it")
 
 
-def train_sae_to_folder(checkpoint: Path | str, settings: SAESettings, out: Path | str, progress: bool = True) -> dict:
-    """Train an SAE on a model checkpoint's train split and write its folder (metrics on the val split)."""
+def train_sae_to_folder(
+    checkpoint: Path | str,
+    settings: SAESettings,
+    out: Path | str,
+    progress: bool = True,
+    acts: Float[Tensor, "tokens d_in"] | None = None,
+) -> dict:
+    """Train an SAE on a model checkpoint's train split and write its folder (metrics on the val split). `acts`:
+    that split's activations at the hook when the caller has them cached already (a sweep)."""
     from training.data import load_corpus
     from training.neural import load_checkpoint
 
@@ -473,7 +479,10 @@ def train_sae_to_folder(checkpoint: Path | str, settings: SAESettings, out: Path
     settings.validate(d_in)
     info = config.get("corpus", {})
     corpus = load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True))
-    acts = collect_activations(model, corpus.split_names("train"), hook)
+    if acts is None:
+        acts = collect_activations(model, corpus.split_names("train"), hook)
+    elif acts.shape[-1] != d_in:
+        raise VillesError(f"cached activations are {acts.shape[-1]} wide, hook {hook!r} is {d_in}")
     metadata = {
         "model_name": f"villes/{checkpoint.name}",
         "hook_name": hook,
