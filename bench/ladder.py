@@ -59,19 +59,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     print("## Ladder (communes.tsv, validation = held-out distinct names)\n")
-    table = [
-        {
-            "level": r.level,
-            "model": r.model,
-            "params": r.params,
-            "train NLL": f"{r.train_nll:.3f}",
-            "val NLL": f"{r.val_nll:.3f}",
-            "novelty": f"{r.novelty:.0%}",
-            "reference": REFERENCE.get(r.model, ""),
-            "samples": ", ".join(r.samples),
-        }
-        for r in rows
-    ]
+    table = [r.display(reference=REFERENCE.get(r.model, "")) for r in rows]
     print(format_table(table, list(table[0])))
     vals = [r.val_nll for r in rows]
     print(f"\nmonotone on validation: {all(a > b for a, b in zip(vals, vals[1:], strict=False))}")

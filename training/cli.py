@@ -114,17 +114,8 @@ def cmd_ladder(args) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], ensure_ascii=False, indent=1))
         return 0
-    table = [
-        {
-            **dataclasses.asdict(r),
-            "train_nll": f"{r.train_nll:.3f}",
-            "val_nll": f"{r.val_nll:.3f}",
-            "novelty": f"{r.novelty:.0%}",
-            "samples": ", ".join(r.samples),
-        }
-        for r in rows
-    ]
-    print(format_table(table, ["level", "model", "params", "train_nll", "val_nll", "novelty", "samples"]))
+    table = [r.display() for r in rows]
+    print(format_table(table, list(table[0])))
     return 0
 
 

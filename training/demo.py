@@ -19,18 +19,7 @@ def ladder_stage(out: Path, progress: bool) -> tuple[str, str]:
 
     rows, notes = ladder(load_communes(), progress=progress)
     atomic_write_json(out / "ladder.json", [dataclasses.asdict(r) for r in rows])
-    table = [
-        {
-            "level": r.level,
-            "model": r.model,
-            "params": r.params,
-            "train NLL": f"{r.train_nll:.3f}",
-            "val NLL": f"{r.val_nll:.3f}",
-            "novelty": f"{r.novelty:.0%}",
-            "samples": ", ".join(r.samples),
-        }
-        for r in rows
-    ]
+    table = [r.display() for r in rows]
     text = format_table(table, list(table[0])) + "".join(f"\n{n}" for n in notes)
     return text, f"<h2>The ladder</h2><pre>{html.escape(text)}</pre><p><a href='ladder.json'>ladder.json</a></p>"
 

@@ -90,6 +90,19 @@ class LadderRow:
     novelty: float
     samples: list[str]
 
+    def display(self, **extra: str) -> dict[str, str | int]:
+        """The row as printed in tables (CLI, demo, benchmark); `extra` columns go before the samples."""
+        return {
+            "level": self.level,
+            "model": self.model,
+            "params": self.params,
+            "train NLL": f"{self.train_nll:.3f}",
+            "val NLL": f"{self.val_nll:.3f}",
+            "novelty": f"{self.novelty:.0%}",
+            **extra,
+            "samples": ", ".join(self.samples),
+        }
+
 
 def novelty(samples: Sequence[str], corpus: Corpus) -> float:
     """Share of samples that are not a name of the corpus (any split)."""
@@ -109,10 +122,15 @@ def ladder(
     from tqdm.auto import tqdm
 
     rows, notes = [], []
+    explicit = set(checkpoints or {})
     checkpoints = {**DEFAULT_CHECKPOINTS, **(checkpoints or {})}
     for name in tqdm(LEVELS, desc="ladder", disable=not progress):
         try:
             lm = load_level(name, corpus, order, checkpoints.get(name))
+            trained_on = getattr(lm, "config", {}).get("corpus", {}).get("names_file")
+            if name in DEFAULT_CHECKPOINTS and name not in explicit and trained_on != corpus.names_file:
+                # a default checkpoint trained on another corpus may have seen this corpus's validation names
+                raise VillesError(f"{checkpoints[name]} was trained on another corpus (pass it explicitly to score it)")
             train, val = lm.nll(corpus.split_names("train")), lm.nll(corpus.split_names("val"))
         except VillesError as e:
             if name in COUNTING_ORDERS:
