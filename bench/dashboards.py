@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from interp.dashboards import DEFAULT_MODEL, DEFAULT_SAE, dashboards, load_sae_folder  # noqa: E402
+from interp.dashboards import DEFAULT_MODEL, DEFAULT_SAE, auto_threads, dashboards, load_sae_folder  # noqa: E402
 from training.cli import format_table  # noqa: E402
 from training.data import load_corpus  # noqa: E402
 from training.neural import load_checkpoint  # noqa: E402
@@ -51,10 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--sae", type=Path, default=None, help=f"SAE folder (default {DEFAULT_SAE} if present)")
     p.add_argument("--out", type=Path, default=None, help="dashboards folder (default: a temporary one)")
     p.add_argument("--split", default="all")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: auto_threads(), as the command)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or auto_threads())
     model, tok, config = load_checkpoint(args.checkpoint)
     sae_path = args.sae or (DEFAULT_SAE if DEFAULT_SAE.is_dir() else None)
     sae = load_sae_folder(sae_path, args.checkpoint) if sae_path else stand_in_sae(model)

@@ -109,13 +109,21 @@ def main() -> int:
         {"stage": f"  scoring {k}", "wall s": f"{v['wall_s']:.1f}", "CPU s": f"{v['cpu_s']:.1f}"}
         for k, v in i["scoring_by_kind"].items()
     ]
-    stages.append({"stage": "total", "wall s": f"{wall:.1f}", "CPU s": f"{cpu:.1f}"})
+    main_kinds = [k for k in i["scoring_by_kind"] if k.split()[0] not in CONTROL_KINDS]
+    main = [
+        sum(i[key][k] for k in ("bank", "activations", "units")) + sum(i["scoring_by_kind"][k][key] for k in main_kinds)
+        for key in ("wall_s", "cpu_s")
+    ]
+    stages.append({"stage": "shipped model + SAE units (no controls)", "wall s": f"{main[0]:.1f}",
+                   "CPU s": f"{main[1]:.1f}"})  # fmt: skip
+    stages.append({"stage": "total (with controls)", "wall s": f"{wall:.1f}", "CPU s": f"{cpu:.1f}"})
     print(f"\ntime ({torch.get_num_threads()} torch threads, load average {load:.1f} on {os.cpu_count()} CPUs "
           f"at the start):\n")  # fmt: skip
     print(format_table(stages, ["stage", "wall s", "CPU s"]))
-    verdict = "meets" if wall <= TARGET_S else "misses"
-    print(f"\n{len(report.rows)} units scored in {wall:.1f} s wall ({cpu:.1f} s CPU): {verdict} the {TARGET_S:.0f} s "
-          "target")  # fmt: skip
+    verdict = "meets" if main[0] <= TARGET_S else "misses"
+    print(f"\nthe shipped model's and SAE's {sum(1 for r in report.rows if r['kind'] not in CONTROL_KINDS)} units in "
+          f"{main[0]:.1f} s wall ({main[1]:.1f} s CPU): {verdict} the {TARGET_S:.0f} s target; with the controls, "
+          f"{len(report.rows)} units in {wall:.1f} s wall ({cpu:.1f} s CPU)")  # fmt: skip
     return 0
 
 

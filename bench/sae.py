@@ -1,11 +1,14 @@
 """The SAE benchmark: architectures x sparsity on the same cached activations of a model's hook, measured on the
 validation split, as a table and an L0-vs-loss-recovered frontier (plotly HTML); and the shipped SAEs.
 
-    python bench/sae.py [--checkpoint checkpoints/transformer] [--hook H] [--tokens T] [--grid full|quick|none]
-                        [--threads N] [--ship] [--html out/sae_frontier.html] [--json out/sae_sweep.json]
+    python bench/sae.py [--checkpoint checkpoints/transformer] [--hook H] [--grid full|quick|none] [--expansion E]
+                        [--tokens T] [--threads N] [--ship] [--html out/sae_frontier.html] [--json out/sae_sweep.json]
 
---ship trains the two shipped SAEs into checkpoints/: the default (`villes train sae`'s defaults) in sae/ and the
-L1 ("standard") baseline of the same width, the reference project's method, in sae_l1/.
+The sweep runs at 4x expansion and 4M training samples per SAE by default (fifteen SAEs in minutes on two cores);
+`--expansion 16 --tokens 8000000` sweeps at the shipped SAEs' own width and length.
+--ship first trains the two shipped SAEs into checkpoints/: the default (`villes train sae`'s defaults) in sae/ and
+the L1 ("standard") baseline of the same width, the reference project's method, in sae_l1/. Shipped SAEs that belong
+to --checkpoint (same weights) are listed and drawn on the frontier whether or not they were trained by this run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from training.sae import (
     default_hook,
     evaluate_sae,
     hook_width,
+    sha256_file,
     to_inference,
     train_sae,
     train_sae_to_folder,
@@ -46,6 +50,8 @@ GRIDS = {
     ],
     "none": [],
 }
+SWEEP = {"expansion": 4, "tokens": 4_000_000}
+SHIPPED = {"sae": DEFAULT, "sae_l1": L1_BASELINE}
 COLUMNS = [
     "arch",
     "sparsity",
@@ -108,10 +114,41 @@ def speed_rows(acts: torch.Tensor, tokens: int, threads: list[int]) -> list[dict
     return rows
 
 
-def frontier_figure(rows: list[dict], title: str):
+def shipped_rows(checkpoint: Path, d_in: int) -> list[dict]:
+    """The shipped SAE folders trained on exactly this checkpoint's weights, as table rows."""
+    sha = sha256_file(checkpoint / "model.safetensors")
+    rows = []
+    for name in SHIPPED:
+        path = ROOT / "checkpoints" / name / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        if metrics.get("model_sha256") != sha:
+            print(f"checkpoints/{name} belongs to other model weights: not listed", file=sys.stderr)
+            continue
+        settings = SAESettings(**metrics["settings"])
+        rows.append(
+            {"folder": f"checkpoints/{name}", **row(settings, d_in, metrics, metrics, metrics["train_seconds"])}
+        )
+    return rows
+
+
+def frontier_figure(rows: list[dict], shipped: list[dict], title: str):
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    for r in shipped:
+        fig.add_trace(
+            go.Scatter(
+                x=[r["_metrics"]["l0"]],
+                y=[r["_metrics"]["loss_recovered"]],
+                mode="markers+text",
+                marker={"symbol": "star", "size": 16},
+                text=[f"{r['folder']} ({r['d_sae']} latents)"],
+                textposition="bottom center",
+                name=f"{r['folder']}: {r['arch']} {r['sparsity']}",
+            )
+        )
     for arch in dict.fromkeys(r["arch"] for r in rows):
         points = sorted((r for r in rows if r["arch"] == arch), key=lambda r: r["_metrics"]["l0"])
         fig.add_trace(
@@ -141,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "transformer")
     p.add_argument("--hook", default=None)
-    p.add_argument("--tokens", type=int, default=None, help=f"per SAE of the sweep (default {DEFAULT.tokens:,})")
-    p.add_argument("--expansion", type=int, default=DEFAULT.expansion)
+    p.add_argument("--tokens", type=int, default=SWEEP["tokens"], help="training samples per SAE of the sweep")
+    p.add_argument("--expansion", type=int, default=SWEEP["expansion"], help="of the sweep's SAEs")
     p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
     p.add_argument("--grid", choices=list(GRIDS), default="full")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -172,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         speed = speed_rows(acts, args.speed_tokens, sorted({1, torch.get_num_threads()}))
         print("Training speed (SAETrainer fed from the in-memory cache; tok/CPU-s: per second of this process's CPU)")
         print(format_table(speed, list(speed[0])), flush=True)
-    base = replace(
-        DEFAULT, hook=hook, expansion=args.expansion, batch_size=args.batch_size, tokens=args.tokens or DEFAULT.tokens
-    )
+    if args.ship:
+        for name, settings in SHIPPED.items():
+            train_sae_to_folder(args.checkpoint, replace(settings, hook=hook), ROOT / "checkpoints" / name, acts=acts)
+    shipped = shipped_rows(args.checkpoint, d_in)
+    if shipped:
+        print("\nShipped SAEs (validation split)")
+        print(format_table(shipped, ["folder", *COLUMNS]), flush=True)
+    base = replace(DEFAULT, hook=hook, expansion=args.expansion, batch_size=args.batch_size, tokens=args.tokens)
     rows = []
     for arch, sparsity in GRIDS[args.grid]:
         settings = replace(base, arch=arch, **sparsity)
@@ -190,20 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_table(rows, COLUMNS))
         args.html.parent.mkdir(parents=True, exist_ok=True)
-        frontier_figure(rows, f"SAE frontier: {hook} of {args.checkpoint.name}").write_html(args.html)
+        title = f"SAE frontier: {hook} of {args.checkpoint}, {args.expansion}x sweep"
+        frontier_figure(rows, shipped, title).write_html(args.html)
         args.json.write_text(json.dumps([r["_metrics"] for r in rows], indent=1))
         print(f"frontier: {args.html}; rows: {args.json}")
-    if args.ship:
-        shipped = []
-        for name, settings in (("sae", DEFAULT), ("sae_l1", L1_BASELINE)):
-            out = ROOT / "checkpoints" / name
-            start = time.perf_counter()
-            metrics = train_sae_to_folder(args.checkpoint, replace(settings, hook=hook), out, progress=False, acts=acts)
-            shipped.append(
-                {"folder": f"checkpoints/{name}", **row(settings, d_in, metrics, metrics, time.perf_counter() - start)}
-            )
-        print("\nShipped SAEs (validation split)")
-        print(format_table(shipped, ["folder", *COLUMNS]))
     return 0
 
 

@@ -34,6 +34,7 @@ import dataclasses
 import html
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -187,6 +188,30 @@ def ablation_effects(
     return out, through
 
 
+@contextmanager
+def _threads(n: int):
+    """Run with n intra-op threads, then restore. Sampling steps work on tensors of a few hundred kB: splitting them
+    across threads costs more in synchronisation than it saves (measured 4-15x slower with 2 threads here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def auto_threads() -> int:
+    """Threads for a run on this machine: every core when it is idle, one when other work already keeps the cores
+    busy (torch's threads spin while they wait for each other, so on a loaded machine two threads can run 10x
+    slower than one)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    return max(1, min(cores, round(cores - load)))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -213,7 +238,7 @@ def generate(
     nxt = seqs
     out: list[str] = [""] * n
     hooks = [(edit.s.hook, edit)] if edit is not None else []
-    with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=hooks), _threads(1):
         for t in range(limit - 1):
             if edit is not None:
                 edit.rows = live
@@ -317,9 +342,29 @@ def _r(x, nd: int = 3):
     return round(float(x), nd)
 
 
-def _example(store: ActivationStore, name_id: int, vec: Tensor) -> dict:
-    name = store.names[name_id]
-    return {"n": name, "v": _r(vec[: len(name)]), "g": store.region_names[int(store.name_region[name_id])]}
+class _Examples:
+    """A reservoir as plain lists, rounded once for the whole set (per-unit tensor indexing dominated page time)."""
+
+    def __init__(self, store: ActivationStore, res):
+        self.store = store
+        self.ok = torch.isfinite(res.key).tolist()
+        self.name = res.name.tolist()
+        self.vec = torch.round(res.vec.double(), decimals=3).tolist()
+        self.region = store.name_region.tolist()
+
+    def __call__(self, g: int) -> list[dict]:
+        out = []
+        for ok, nid, vec in zip(self.ok[g], self.name[g], self.vec[g], strict=True):
+            if ok:
+                name = self.store.names[nid]
+                out.append({"n": name, "v": vec[: len(name)], "g": self.store.region_names[self.region[nid]]})
+        return out
+
+
+def set_examples(store: ActivationStore, st: UnitStats) -> dict[str, _Examples]:
+    return {
+        k: _Examples(store, getattr(st, k)) for k in ("top", "bottom", "bands", "random") if getattr(st, k) is not None
+    }
 
 
 def _unit_href(set_id: str, index: int) -> str:
@@ -362,8 +407,10 @@ def unit_page_data(
     labels: Mapping[tuple[str, int], tuple[str, float]] | None,
     baseline_names: list[str],
     settings: DashboardSettings,
+    examples: dict[str, _Examples] | None = None,
 ) -> dict:
     s, cfg = st.unit_set, store.settings
+    ex = examples or set_examples(store, st)
     index = int(s.indices[u])
     vocab = store.vocab
     n = max(st.n_tokens, 1)
@@ -401,34 +448,19 @@ def unit_page_data(
     }
     if dead:
         return d
-    keys, names_, vecs = st.top.key[u], st.top.name[u], st.top.vec[u]
-    d["top"] = [_example(store, int(names_[k]), vecs[k]) for k in range(len(keys)) if math.isfinite(keys[k])]
-    if st.bottom is not None:
-        kb = st.bottom.key[u]
-        d["bottom"] = [
-            _example(store, int(st.bottom.name[u, k]), st.bottom.vec[u, k])
-            for k in range(len(kb))
-            if math.isfinite(kb[k])
-        ]
+    d["top"] = ex["top"](u)
+    if "bottom" in ex:
+        d["bottom"] = ex["bottom"](u)
     nb = cfg.n_bands
     fires = max(float(st.active_names[u]), 1.0)
     width = float(st.range_pos[u]) / nb  # bands are [b, b+1) * width, up to the power of two above the max
     bands = []
     for b in reversed(range(min(nb, int(mx // width) + 1))):
-        g = u * nb + b
-        ex = [
-            _example(store, int(st.bands.name[g, k]), st.bands.vec[g, k])
-            for k in range(st.bands.key.shape[1])
-            if math.isfinite(st.bands.key[g, k])
-        ]
         pct = 100 * float(st.band_count[u, b]) / fires
-        bands.append({"lo": _r(width * b), "hi": _r(min(width * (b + 1), mx)), "pct": _r(pct, 1), "ex": ex})
+        hi = min(width * (b + 1), mx)
+        bands.append({"lo": _r(width * b), "hi": _r(hi), "pct": _r(pct, 1), "ex": ex["bands"](u * nb + b)})
     d["bands"] = bands
-    d["random"] = [
-        _example(store, int(st.random.name[u, k]), st.random.vec[u, k])
-        for k in range(st.random.key.shape[1])
-        if math.isfinite(st.random.key[u, k])
-    ]
+    d["random"] = ex["random"](u)
     d["hist"] = histogram(st, u)
     keep_v = _predictable(len(vocab))
     order = torch.argsort(effects.through[u][keep_v], descending=True)
@@ -789,13 +821,24 @@ def dashboards(
             dataset = f"villes communes ({settings.store.split})"
             for s in sets:
                 st = store[s.id]
+                examples = set_examples(store, st)
                 folder = tmp / "units" / s.id
                 folder.mkdir(parents=True, exist_ok=True)
                 if export == "neuronpedia":
                     (tmp / "neuronpedia" / s.id).mkdir(parents=True, exist_ok=True)
                 for u in range(len(s)):
                     d = unit_page_data(
-                        model, store, st, u, effects[s.id], neigh.get(s.id, {}), built, labels, baseline, settings
+                        model,
+                        store,
+                        st,
+                        u,
+                        effects[s.id],
+                        neigh.get(s.id, {}),
+                        built,
+                        labels,
+                        baseline,
+                        settings,
+                        examples,
                     )
                     (folder / f"{d['index']}.html").write_text(_page(f"{s.id}:{d['index']}", "unit", d, 2), "utf-8")
                     index_rows.append(_index_row(d))
@@ -884,6 +927,9 @@ def cmd_dashboards(args) -> int:
 
     out = Path(args.out)
     check_out(out)
+    if args.threads is not None and args.threads <= 0:
+        raise VillesError(f"--threads must be positive, got {args.threads}")
+    torch.set_num_threads(args.threads or auto_threads())
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_MODEL
     units = parse_units(args.units)
     model, tok, config = load_checkpoint(checkpoint)
@@ -944,6 +990,12 @@ def add_dashboards_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--units", default=None, help="unit indices, e.g. 0-99 or 0-9,42 (default: all)")
     p.add_argument("--split", default="all", choices=["train", "val", "test", "all"])
     p.add_argument("--export", default=None, choices=["neuronpedia"], help="also write per-unit Neuronpedia JSON")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: every core if idle, else 1; see auto_threads)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_dashboards)
     return p

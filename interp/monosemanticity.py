@@ -138,35 +138,39 @@ def _as_units(acts) -> UnitSet:
 @dataclass
 class _Half:
     rows: Tensor  # row indices of the half
-    dense: Bool[Tensor, "row concept"]  # for per-entry lookups
+    dense: Bool[Tensor, "row concept"]  # labels, row-major (a unit's concept column for each of its entries)
+    dense_t: Bool[Tensor, "concept row"]  # the same, concept-major (a concept's rows)
     slots: Int[Tensor, "row slot"]
     pos: Tensor  # concept counts on the half (int64)
-    members: Tensor  # the half's rows of each concept, concept after concept (see ptr)
-    ptr: Tensor  # members[ptr[c]:ptr[c + 1]] are concept c's rows
 
     @classmethod
     def of(cls, rows: Tensor, dense: Tensor, slots: Tensor, n_concepts: int) -> _Half:
         local = slots[rows]
-        r, k = (local >= 0).nonzero(as_tuple=True)
-        c = local[r, k].long()
-        order = torch.argsort(c * len(rows) + r)
-        pos = torch.bincount(c, minlength=n_concepts)
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long), pos.cumsum(0)])
-        return cls(rows, dense[rows], local, pos, r[order], ptr)
+        pos = torch.bincount(local[local >= 0].long(), minlength=n_concepts)
+        d = dense[rows]
+        return cls(rows, d, d.T.contiguous(), local, pos)
 
     def rows_of(self, c: int) -> Tensor:
-        return self.members[self.ptr[c] : self.ptr[c + 1]]
+        return self.dense_t[c].nonzero().squeeze(1)
+
+    def columns(self, concepts: Tensor) -> Bool[Tensor, "unit row"]:
+        """[units, rows]: each unit's concept label (False where the concept index is -1); concept-major, so this is
+        a copy of whole rows."""
+        out = self.dense_t.index_select(0, concepts.clamp(min=0))
+        return out & (concepts >= 0)[:, None] if bool((concepts < 0).any()) else out
 
 
 @dataclass
 class _Entries:
-    """The positive activations of a chunk on one half: row (in the half), unit, threshold bin (1..G: how many grid
-    values a/max exceeds), value."""
+    """The positive activations of a chunk on one half: flat index (row * units + unit), row (in the half), unit,
+    threshold bin (1..G: how many grid values a/max exceeds), value."""
 
+    flat: Tensor
     n: Tensor
     u: Tensor
     bin: Tensor
     val: Tensor
+    n_rows: int
 
     @classmethod
     def of(cls, x: Float[Tensor, "row unit"], scale: Float[Tensor, "unit"], G: int) -> _Entries:
@@ -175,8 +179,13 @@ class _Entries:
         n, u = flat // U, flat % U
         val = x.view(-1)[flat]
         # fired at θ_j = j/G (a > θ_j · max)  iff  bin > j; above the maximum of A (on B) the bin stays G
-        bins = torch.ceil(val * scale[u]).clamp_(1, G).long()
-        return cls(n, u, bins, val)
+        bins = torch.ceil(val * scale[u]).clamp_(1, G).to(torch.int32)
+        return cls(flat, n, u, bins, val, x.shape[0])
+
+    def lookup(self, table: Bool[Tensor, "unit row"]) -> Bool[Tensor, "entry"]:
+        """table[u, n] for every entry (a table from `_Half.columns`): transposed first, so that the entries (in row
+        order) read it sequentially."""
+        return table.T.contiguous().view(-1)[self.flat]
 
 
 class Scorer:
@@ -217,6 +226,9 @@ class Scorer:
         # two ways to count: slot columns merged into few joint columns (cheap per entry, a fixed cost per class),
         # or one column per slot (the reverse); each chunk takes the cheaper for its number of entries
         self.layouts = [_joint_columns(a.slots, settings.joint_classes), _joint_columns(a.slots, 1)]
+        for layout in self.layouts:  # int32 classes: half the memory traffic of the per-entry gathers
+            for i, (code, k, pk, pc) in enumerate(layout):
+                layout[i] = (code.to(torch.int32), k, pk, pc)
         self.joint = self.layouts[0]
         self.cooc = _cooccurrence(self.joint, self.C)  # [C, C] rows shared on A
         pos = a.pos.double()
@@ -246,13 +258,15 @@ class Scorer:
             out.index_add_(0, pair_c, counts[pair_k])
         return out.view(self.C, n_units, self.G)
 
+    def classes(self, layout: list, n: Tensor) -> list[Tensor]:
+        return [code.index_select(0, n) for code, *_ in layout]
+
     def triple(self, c1: Tensor, c2: Tensor) -> Int[Tensor, "pair concept"]:
         """|c1 ∧ c2 ∧ c| on A for each (c1, c2) pair."""
         a = self.halves["A"]
         out = torch.zeros(len(c1), self.C, dtype=torch.long)
         for i, (x, y) in enumerate(zip(c1.tolist(), c2.tolist(), strict=True)):
-            rx, ry = a.rows_of(x), a.rows_of(y)
-            both = rx[torch.isin(rx, ry)]
+            both = (a.dense_t[x] & a.dense_t[y]).nonzero().squeeze(1)
             s = a.slots[both]
             out[i] = torch.bincount(s[s >= 0].long(), minlength=self.C)
         return out
@@ -264,10 +278,13 @@ class Scorer:
         multi = (chosen[:, 1:] >= 0).any(1)
         if bool(multi.any()):
             tuples, which = torch.unique(chosen[multi], dim=0, return_inverse=True)
-            sizes = torch.tensor(
-                [torch.unique(torch.cat([b.rows_of(c) for c in t.tolist() if c >= 0])).numel() for t in tuples],
-                dtype=torch.long,
-            )
+            sizes = torch.zeros(len(tuples), dtype=torch.long)
+            for i, t in enumerate(tuples.tolist()):
+                rows = b.dense_t[t[0]].clone()
+                for c in t[1:]:
+                    if c >= 0:
+                        rows |= b.dense_t[c]
+                sizes[i] = int(rows.sum())
             out[multi] = sizes[which]
         return out
 
@@ -290,11 +307,12 @@ class Scorer:
         n_active = torch.bincount(ea.u, minlength=U) + torch.bincount(eb.u, minlength=U)
 
         # half A: c1 and θ1
-        ubin = ea.u * G + ea.bin - 1
+        ubin = (ea.u * G).to(torch.int32) + ea.bin - 1
         layout = self.layout(len(ubin), U)
-        classes = [code[ea.n] for code, *_ in layout]
+        classes = self.classes(layout, ea.n)
         fired = _rev_cumsum(torch.bincount(ubin, minlength=U * G).view(U, G))  # P[u, j]
-        tp = _rev_cumsum(self.histogram(layout, classes, ubin, U))  # [C, U, G]
+        hist = self.histogram(layout, classes, ubin, U)  # [C, U, G] entries per concept, unit, bin
+        tp = _rev_cumsum(hist)
         pos = A.pos.double()
         f1 = 2 * tp.double() / (fired.double()[None] + pos[:, None, None]).clamp(min=1)
         f1[pos == 0] = -1.0
@@ -312,16 +330,17 @@ class Scorer:
             tp_s = tp[c1, uu].double()  # [U, G] TP of the union so far
             pos_s = pos[c1].clone()
             active = scorable.clone()
+            inside = ea.lookup(A.columns(c1))  # entries on the rows of the union so far
             for step in range(1, 1 + self.settings.max_extra):
                 if not bool(active.any()):
                     break
                 prior = chosen[:, :step]
-                inside = A.dense[ea.n, prior[ea.u, 0]]
-                for s in range(1, step):
-                    inside |= A.dense[ea.n, prior[ea.u, s]]
-                keep = (~inside).nonzero().squeeze(1)
+                if step > 1:
+                    inside |= ea.lookup(A.columns(prior[:, step - 1]))
+                # entries outside the union = all entries - those inside it (usually the few)
+                keep = inside.nonzero().squeeze(1)
                 kept = [k.index_select(0, keep) for k in classes]
-                x = _rev_cumsum(self.histogram(layout, kept, ubin.index_select(0, keep), U)).double()
+                x = _rev_cumsum(hist - self.histogram(layout, kept, ubin.index_select(0, keep), U)).double()
                 inter = self.cooc[prior[:, 0]].double()  # [U, C]: |c ∧ (union so far)|
                 allowed = (self.jaccard[prior[:, 0]] < self.settings.jaccard_max) & (pos > 0)[None]
                 for s in range(1, step):  # |c ∧ (c1 ∨ c2)| = |c ∧ c1| + |c ∧ c2| - |c ∧ c1 ∧ c2|
@@ -344,13 +363,14 @@ class Scorer:
                 active &= take
 
         # held-out half B, from its entries (only positive activations can fire)
-        lab1 = B.dense[eb.n, c1[eb.u]]
-        mono1 = _f1_counts(eb.u, (eb.bin > j1[eb.u]) & lab1, eb.bin > j1[eb.u], B.pos[c1], U)
+        lab1 = eb.lookup(B.columns(c1))
+        fire1 = eb.bin > j1.to(torch.int32)[eb.u]
+        mono1 = _f1_counts(eb.u, fire1 & lab1, fire1, B.pos[c1], U)
         lab_u = lab1.clone()
         for s in range(1, chosen.shape[1]):
-            extra = chosen[eb.u, s]
-            lab_u |= B.dense[eb.n, extra.clamp(min=0)] & (extra >= 0)
-        fire_u = eb.bin > j_union[eb.u]
+            if bool((chosen[:, s] >= 0).any()):
+                lab_u |= eb.lookup(B.columns(chosen[:, s]))
+        fire_u = eb.bin > j_union.to(torch.int32)[eb.u]
         f1_union_b = _f1_counts(eb.u, fire_u & lab_u, fire_u, self.union_count(chosen), U)
         mono2 = torch.where(f1_union_b > 0, mono1 / f1_union_b.clamp(min=1e-30), torch.full_like(mono1, float("nan")))
         mass = torch.bincount(eb.u, weights=eb.val.double(), minlength=U)
@@ -908,12 +928,13 @@ def monosemanticity(
     neuron_hooks = mlp_hooks(model)
     acts = collect(model, names, [hook, *neuron_hooks], progress=progress)
     acts = {h: a.index_select(0, scorer.order) for h, a in acts.items()}  # half A's rows, then half B's
+    t = clock("activations", t)
     control_x = None
     if controls and control_sae is not None:
         control_hook = control_sae.cfg.metadata.hook_name or hook
         control_x = collect(random_model(model), names, [control_hook], progress=progress)[control_hook]
         control_x = control_x.index_select(0, scorer.order)
-    t = clock("activations", t)
+        t = clock("control activations", t)
 
     units: list[UnitSet] = []
     x = acts[hook]
@@ -925,6 +946,7 @@ def monosemanticity(
     for h in neuron_hooks:
         units.append(UnitSet.dense("neuron", h, acts[h]))
     units.append(basis_units("residual" if "resid" in hook else "basis", hook, x))
+    t = clock("units", t)
     if controls:
         n_random = settings.n_random if settings.n_random is not None else 2 * x.shape[1]
         if n_random:
@@ -935,9 +957,9 @@ def monosemanticity(
             units.append(topk_units("neuron_topk", h, acts[h], k))
         if control_x is not None:
             units.append(sae_units("random_model_feature", control_sae, control_x))
+        t = clock("control units", t)
     for us in units:
         us.ordered = True
-    t = clock("units", t)
     by_kind: dict[str, list[float]] = {}
     rows = score(
         units, bank.labels, bank.name_ids, name_labels=bank.name_labels, settings=settings, scorer=scorer,

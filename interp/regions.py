@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -444,12 +443,15 @@ def fit_region_vectors(
     lr: float = 0.05,
     contrast: float = 0.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> FittedVectors:
     """Maximize the likelihood of the region's train names under the steered model. With `contrast` > 0, add a
     preference term (as DPO, and BiPO for steering vectors): the steering must raise the region's names more than
     it raises other names, each relative to the unsteered model, with `contrast` as DPO's beta. Likelihood alone
     covers every name of the region, generic ones included ("saint-martin"); the contrast pushes toward what sets
     the region apart."""
+    from tqdm.auto import tqdm
+
     from training.lm import mean_nll, token_nll
 
     check_region(corpus, region)
@@ -483,7 +485,7 @@ def fit_region_vectors(
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.enable_grad():
-            for step in range(1, steps + 1):
+            for step in tqdm(range(1, steps + 1), desc=f"fit {region}", disable=not progress, dynamic_ncols=True):
                 for group in opt.param_groups:  # cosine decay: the last steps settle instead of jittering
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
                 idx = torch.randint(len(tokens), (batch_size,), generator=gen)
@@ -571,9 +573,7 @@ def region_steering_hooks(
                 "--method fitted chooses its own hooks and positions: drop --hook/--first/--positions/--after"
             )
         hooks = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
-        if progress:
-            print(f"fitting steering vectors for {region} ({FIT['steps']} steps)...", file=sys.stderr, flush=True)
-        return fit_region_vectors(model, tokenizer, corpus, region, hooks, **FIT).hooks(model, alpha)
+        return fit_region_vectors(model, tokenizer, corpus, region, hooks, **FIT, progress=progress).hooks(model, alpha)
     hook_name = hook_name or DEFAULT_HOOK
     sample = collect_region_sample(model, tokenizer, corpus, region, [hook_name])
     rd = diff_of_means(sample, hook_name) if method == "diff-of-means" else probe_direction(sample, hook_name)

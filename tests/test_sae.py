@@ -141,7 +141,9 @@ def test_folder_loads_with_plain_saelens(tiny_sae, tiny_transformer_dir):
     assert type(sae).__name__ == "TopKSAE" and (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (16, 64, 4)
     assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     assert sae.cfg.metadata.model_checkpoint == metrics["model_checkpoint"]
-    assert torch.equal(sae.W_dec, load_sae(folder).W_dec)
+    import training
+
+    assert torch.equal(sae.W_dec, training.load_sae(folder).W_dec)
     # and it still measures the same once reloaded (the metrics describe the shipped weights)
     x = torch.randn(5, 16)
     assert sae.encode(x).ne(0).sum(-1).tolist() == [4] * 5

@@ -68,7 +68,7 @@ class SAESettings:
     hook: str | None = None  # None: the residual stream after the last block, blocks.{last}.hook_resid_post
     arch: str = "topk"  # standard (ReLU + L1), topk, batchtopk (saved as jumprelu), jumprelu
     d_sae: int | None = None  # latents; None: expansion * d_in
-    expansion: int = 4  # 512 latents on d_model 128: meets the targets with few dead latents, at half 8x's cost
+    expansion: int = 16  # 2048 latents on d_model 128: at k=8, 4x gave 0.963 loss recovered, 8x 0.970, 16x 0.974
     k: float | None = None  # topk/batchtopk: active latents per token; jumprelu: target L0. None: 8 (k archs)
     l1: float | None = None  # standard: L1 coefficient; jumprelu without k: L0 coefficient (inputs are normalized
     # to mean norm sqrt(d_in) while training, so a coefficient carries over between models and hooks)
@@ -421,7 +421,7 @@ def evaluate_sae(
 
 
 # --- folders -------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -489,7 +489,7 @@ def train_sae_to_folder(
         "context_size": model.cfg.n_ctx,
         "prepend_bos": True,
         "model_checkpoint": _portable(checkpoint),
-        "model_sha256": _sha256(checkpoint / "model.safetensors"),
+        "model_sha256": sha256_file(checkpoint / "model.safetensors"),
         "villes_positions": "characters (not <bos>, <eos> or padding): training.sae.sae_positions",
         "villes_settings": asdict(settings),
     }
@@ -548,7 +548,7 @@ def load_sae(folder: Path | str, model: HookedTransformer | Path | str | None = 
     if isinstance(model, str | Path):
         path = Path(model)
         recorded = sae.cfg.metadata.get("model_sha256")
-        if recorded and (path / "model.safetensors").is_file() and _sha256(path / "model.safetensors") != recorded:
+        if recorded and (path / "model.safetensors").is_file() and sha256_file(path / "model.safetensors") != recorded:
             raise VillesError(f"SAE/model mismatch: {folder} was trained on other weights than {path}'s")
         from training.transformer import load_model
 
