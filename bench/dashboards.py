@@ -2,11 +2,11 @@
 
     python bench/dashboards.py [--checkpoint checkpoints/transformer] [--sae checkpoints/sae] [--out DIR]
 
-Prints one row per stage (wall-clock and CPU seconds), then units per second and tokens x units per second, and the
-machine's load average (the speed target assumes an otherwise idle machine). Without
-an SAE folder (none given and none shipped yet) it times a stand-in: a seeded random TopK SAE of the same shape as
-the planned one (8 x d_model latents, k = 8) on the last residual stream. Its latents are as sparse as a trained
-one's (exactly k per token), so the work per feature is the same; only the pictures differ.
+Prints one row per stage (wall-clock and CPU seconds), then units (features + neurons) per second, tokens x units
+per second, and the machine's load average: the speed target assumes an otherwise idle machine, and on a busy one
+the CPU seconds of a one-thread run (--threads 1) are the steadier figure. Without an SAE folder (none given and none
+shipped) it times a stand-in: a seeded random TopK SAE (8 x d_model latents, k = 8) on the last residual stream,
+whose latents are as sparse as a trained one's (exactly k per token), so the work per feature is the same.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def main(argv=None) -> int:
     rows.append({"stage": "total", "wall_s": f"{wall:.1f}", "cpu_s": f"{cpu:.1f}"})
     print(format_table(rows, ["stage", "wall_s", "cpu_s"]))
     summary = {
-        "units/s": f"{units / wall:.1f}",
+        "units/s": f"{units / wall:.1f}",  # units = features + neurons
         "tokens x units/s": f"{n_tokens * units / wall:.3g}",
+        "units/cpu-s": f"{units / cpu:.1f}",
         "pages": result.pages,
         "MB of pages": f"{size / 1e6:.1f}",
         "kB/page": f"{size / 1e3 / max(result.pages, 1):.1f}",

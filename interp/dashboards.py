@@ -12,10 +12,12 @@ writes a folder that works offline:
 
 The folder is built beside `out` and swapped in whole, so a failure or a kill never leaves a half-written one.
 
-Causal panels (both on the unit's top examples, `n_effect` names per unit, batched over all units):
-  - ablation: the unit is zero-ablated at every character of the name (the positions the statistics cover, see
-    interp.activations) and each symbol's log-probability is compared with the clean run: the per-character panel
-    shows log p(clean) - log p(ablated) on the symbol being predicted;
+Causal panels, batched over all units of a set:
+  - ablation, on the unit's `n_effect` top names: the unit is zero-ablated at every character of the name (the
+    positions the statistics cover, see interp.activations) and each symbol's log-probability is compared with the
+    clean run: the per-character panel shows log p(clean) - log p(ablated) on the symbol being predicted. The blocks
+    before the hook's run once per distinct name (they cannot see the edit); the ablated run starts at the hook's
+    block;
   - logit effect "through the rest of the model": at the unit's peak character, the change in logits from that same
     ablation, divided by the unit's activation there, averaged over the examples, then centred over the predictable
     symbols (softmax ignores a constant shift). The final LayerNorm (and every later block) is run for real on the
@@ -84,7 +86,7 @@ class DashboardSettings:
     n_generate: int = 4  # names generated per clamp value
     n_neighbours: int = 8
     effect_batch: int = 256  # rows per forward when ablating (small batches: less padding, warm caches)
-    generate_batch: int = 1024  # rows sampled together
+    generate_batch: int = 2048  # rows sampled together
     generate_max_len: int = 32  # characters; a clamp that never lets a name end is cut there (marked with ...)
     seed: int = 0
 

@@ -24,6 +24,7 @@ from interp.activations import (
 )
 from interp.dashboards import DashboardSettings, ablation_effects, dashboards, generate, parse_units
 from training.cli import main
+from training.tokenizer import EOS_ID
 
 SMALL = StoreSettings(batch_size=37, top_k=5, n_bands=4, per_band=3, n_random=4, hist_bins=8, corr_every=1)
 FAST = DashboardSettings(
@@ -323,6 +324,37 @@ def test_logit_effect_equals_raw_path_without_final_norm(tiny, tiny_transformer_
         assert torch.allclose(torch.tensor(delta), want, atol=1e-4)
         torch.set_grad_enabled(True)
         assert abs(float(want[0])) < 1e-6  # the first letter is predicted at <bos>, which is never ablated
+
+
+def test_ablation_from_the_hooks_block_matches_a_full_run(tiny_transformer_dir, tiny_corpus):
+    """Units in block 1 are ablated from block 1's input (the blocks before cannot change): same as a full run."""
+    from training.checkpoint import read_json
+    from training.tokenizer import CharTokenizer
+    from training.transformer import build_model
+
+    cfg = {**read_json(tiny_transformer_dir / "hooked_transformer_config.json"), "n_layers": 2}
+    torch.manual_seed(1)
+    model = build_model(cfg, tiny_transformer_dir / "tokenizer")
+    tok = CharTokenizer.load(tiny_transformer_dir / "tokenizer")
+    names = tiny_corpus.names[:80]
+    for s in (
+        neuron_units(model, 1, [2, 3]),
+        feature_units(model, make_sae(hook="blocks.1.hook_resid_post"), units=[0, 1]),
+    ):
+        st = collect(model, [s], names, None, SMALL, progress=False)[s.id]
+        ablation, through = ablation_effects(model, tok, st, names, 2, batch=3)
+        u = next(u for u in range(len(s)) if u in ablation)
+        name_id, delta = ablation[u][0]
+        tokens = tok.batch([names[name_id]])
+        edit = UnitEdit(s, torch.tensor([u]), torch.zeros(1), tokens > EOS_ID)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(tokens)[..., 2:], -1)
+            with model.hooks(fwd_hooks=[(s.hook, edit)]):
+                lp2 = torch.log_softmax(model(tokens)[..., 2:], -1)
+        tgt = (tokens[0, 1:] - 2).clamp(min=0)[:, None]
+        want = (lp[0, :-1].gather(-1, tgt) - lp2[0, :-1].gather(-1, tgt))[:, 0]
+        assert torch.allclose(torch.tensor(delta), want, atol=1e-4), s.id
+        assert torch.isfinite(through[u]).all()
 
 
 def test_generate_rows_are_independent(tiny):

@@ -105,7 +105,7 @@
     parent.append(box);
   }
 
-  const PLOT_CFG = { displaylogo: false, responsive: true };
+  const PLOT_CFG = { displaylogo: false, responsive: true, displayModeBar: false };
 
   function plot(parent, traces, layout) {
     const div = el("div", { class: "plot" });
