@@ -5,9 +5,11 @@ against the whole concept bank on the full corpus; the summary table, the best u
     python bench/monosemanticity.py [--checkpoint checkpoints/transformer] [--sae checkpoints/sae]
                                     [--control-sae out/bench-monosemanticity/control_sae] [--out DIR] [--threads N]
 
-Target: the scoring of the shipped model and SAE (bank, activations, units, scores: everything but training the
-control SAE, which is trained once into --control-sae and reused) in <= 60 s. Wall time depends on what else runs on
-the machine, so the CPU time and the load average are printed beside it.
+Target: the shipped model's and SAE's units (SAE features, neurons, residual basis ±) against the whole bank on the
+full corpus, everything included (bank, forward pass, SAE encoding, scores), in <= 60 s; the controls are timed apart
+(their forward pass through the random model, their units and scores; training the control SAE is not timed: it is
+trained once into --control-sae and reused). Wall time depends on what else runs on the machine, so the CPU time and
+the load average are printed beside it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def main() -> int:
     p.add_argument("--control-sae", type=Path, default=ROOT / "out" / "bench-monosemanticity" / "control_sae")
     p.add_argument("--control-tokens", type=int, default=None, help="(default: the SAE's own)")
     p.add_argument("--out", type=Path, default=None, help="also write the report (CSV/JSON/figures) here")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: with other jobs on the machine, "
+                   "a second thread mostly spins)")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,9 +124,10 @@ def main() -> int:
           f"at the start):\n")  # fmt: skip
     print(format_table(stages, ["stage", "wall s", "CPU s"]))
     verdict = "meets" if main[0] <= TARGET_S else "misses"
-    print(f"\nthe shipped model's and SAE's {sum(1 for r in report.rows if r['kind'] not in CONTROL_KINDS)} units in "
-          f"{main[0]:.1f} s wall ({main[1]:.1f} s CPU): {verdict} the {TARGET_S:.0f} s target; with the controls, "
-          f"{len(report.rows)} units in {wall:.1f} s wall ({cpu:.1f} s CPU)")  # fmt: skip
+    n_main = sum(1 for r in report.rows if r["kind"] not in CONTROL_KINDS)
+    print(f"\nthe shipped model's and SAE's {n_main} units: {main[0]:.1f} s wall, {main[1]:.1f} s CPU ({verdict} the "
+          f"{TARGET_S:.0f} s target in wall time, {'meets' if main[1] <= TARGET_S else 'misses'} it in CPU time); "
+          f"with the controls, {len(report.rows)} units: {wall:.1f} s wall, {cpu:.1f} s CPU")  # fmt: skip
     return 0
 
 

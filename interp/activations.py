@@ -26,8 +26,8 @@ the maximum) does not depend on the batch order. Memory is O(units x (groups + e
 size: nothing per token is kept, and there is no second forward pass.
 
 Examples are whole names: a name's score is its peak activation over its characters, and each kept example keeps the
-unit's activation at every character. Samples use uniform random keys from a seeded generator, merged exactly
-(`_Reservoir`): the same seed and batch size give the same examples.
+unit's activation at every character. Samples keep the names with the smallest keys, a hash of (name, unit, seed)
+(`uniform_key`), merged exactly (`_Reservoir`): the same seed gives the same examples whatever the batching.
 """
 
 from __future__ import annotations
@@ -105,6 +105,23 @@ class UnitSet:
         act = act.float()
         return act if self._all else act[:, self.indices]
 
+    def decoder_directions(self) -> Float[Tensor, "d_sae d_in"] | None:
+        """decode(e_i) - decode(0) for every latent when the SAE's decoder is affine in its code (checked once on a
+        random code; None otherwise, e.g. with an input-dependent output normalization), so an edit of one latent
+        is one vector. Cached: SAEs are not retrained under a running dashboard."""
+        if not hasattr(self, "_dirs"):
+            self._dirs = None
+            sae = self.sae
+            if sae is not None and getattr(sae.cfg, "normalize_activations", "none") == "none":
+                with torch.no_grad():
+                    eye = torch.eye(sae.cfg.d_sae, dtype=sae.dtype)
+                    zero = sae.decode(torch.zeros(1, sae.cfg.d_sae, dtype=sae.dtype))
+                    dirs = (sae.decode(eye) - zero).float()
+                    code = torch.rand(3, sae.cfg.d_sae, generator=torch.Generator().manual_seed(0), dtype=sae.dtype)
+                    if torch.allclose((sae.decode(code) - zero).float(), code.float() @ dirs, rtol=1e-4, atol=1e-4):
+                        self._dirs = dirs
+        return self._dirs
+
     def label(self, local: int) -> str:
         return f"{self.id}:{int(self.indices[local])}"
 
@@ -153,7 +170,11 @@ class UnitEdit:
             sae = self.s.sae
             f = sae.encode(x.to(sae.dtype))
             f = f.to_dense() if f.is_sparse else f
-            new = torch.where(mask, values[:, None].to(f.dtype), f.gather(-1, col).squeeze(-1))
+            cur = f.gather(-1, col).squeeze(-1)
+            new = torch.where(mask, values[:, None].to(f.dtype), cur)
+            dirs = self.s.decoder_directions()
+            if dirs is not None:  # affine decoder: only the unit's own direction moves
+                return x + ((new - cur)[..., None] * dirs[self.s.indices[units]][:, None, :]).to(x.dtype)
             f2 = f.scatter(-1, col, new[..., None])
             return x + (sae.decode(f2) - sae.decode(f)).to(x.dtype)
         new = torch.where(mask, values[:, None].to(x.dtype), x.gather(-1, col).squeeze(-1))
@@ -372,13 +393,33 @@ class _Reservoir:
     sort of everything would (top-k: key = -peak; uniform samples: key = a uniform random number), and two groups can
     be merged exactly later (the activation bands, when a unit's range doubles)."""
 
+    FLUSH_AT = 20_000  # candidates buffered before a merge: one merge per many batches, not one per batch
+
     def __init__(self, groups: int, size: int, length: int):
-        self.key = torch.full((groups, size), math.inf)
+        self.key = torch.full((groups, size), math.inf, dtype=torch.float64)  # hash keys need more than 24 bits
         self.name = torch.full((groups, size), -1, dtype=torch.long)
         self.vec = torch.zeros(groups, size, length)
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self._n_pending = 0
 
     def threshold(self) -> Float[Tensor, " groups"]:
-        return self.key[:, -1]  # worst kept key; inf while the group has room
+        """The worst kept key per group (inf while it has room). Buffered candidates are not merged yet, so this
+        may be above the exact value: it only lets a few more candidates through, never keeps one out wrongly."""
+        return self.key[:, -1]
+
+    def add(self, gid: Tensor, key: Tensor, name: Tensor, vec: Tensor) -> None:
+        """Buffer candidates (vectors already gathered); merged by `flush`, here once FLUSH_AT are waiting."""
+        if len(gid):
+            self._pending.append((gid, key.double(), name, vec))
+            self._n_pending += len(gid)
+            if self._n_pending >= self.FLUSH_AT:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            gid, key, name, vec = (torch.cat(x) for x in zip(*self._pending, strict=True))
+            self._pending, self._n_pending = [], 0
+            self.offer(gid, key, name, lambda i: vec[i])
 
     def offer(self, gid: Tensor, key: Tensor, name: Tensor, vectors) -> None:
         """Candidates: group, key and global name of each; `vectors(i)` gives the activation vectors of the
@@ -388,7 +429,7 @@ class _Reservoir:
         S = self.key.shape[1]
         touched = torch.unique(gid)
         T = len(touched)
-        all_key = torch.cat([self.key[touched].reshape(-1), key])
+        all_key = torch.cat([self.key[touched].reshape(-1), key.double()])
         all_g = torch.cat([touched.repeat_interleave(S), gid])
         old_slot = torch.cat([torch.arange(S).repeat(T), torch.full((len(gid),), -1)])
         order = torch.sort(all_key, stable=True).indices  # by key, old entries first among equal keys ...
@@ -399,7 +440,7 @@ class _Reservoir:
         keep, kr = order[ok], rank[ok]
         kg = all_g[keep]
         tpos = torch.searchsorted(touched, kg)
-        nk = torch.full((T, S), math.inf)
+        nk = torch.full((T, S), math.inf, dtype=torch.float64)
         nn = torch.full((T, S), -1, dtype=torch.long)
         nv = torch.zeros(T, S, self.vec.shape[-1])
         nk[tpos, kr] = all_key[keep]
@@ -414,6 +455,7 @@ class _Reservoir:
 
     def regroup(self, groups: Tensor, new_groups: Tensor) -> None:
         """Move the entries of `groups` into `new_groups` (several may share one), keeping the smallest keys."""
+        self.flush()
         S = self.key.shape[1]
         key, name, vec = self.key[groups].reshape(-1), self.name[groups].reshape(-1), self.vec[groups].flatten(0, 1)
         gid = new_groups.repeat_interleave(S)
@@ -423,21 +465,33 @@ class _Reservoir:
         self.offer(gid[ok], key[ok], name[ok], lambda i: vec_ok[i])
 
 
-def _offer_matrix(
+def _offer_pairs(
     res: _Reservoir,
-    key: Float[Tensor, "names units"],
-    ok: Bool[Tensor, "names units"],
+    gid: Int[Tensor, " m"],
+    key: Float[Tensor, " m"],
+    j: Int[Tensor, " m"],
+    u: Int[Tensor, " m"],
     b: ActBatch,
     acts: Float[Tensor, "n units"],
-    group: Int[Tensor, "names units"] | None = None,
 ) -> None:
-    """Offer every (name, unit) pair where `ok`, keyed by `key`, in group `group` (default: the unit)."""
-    thr = res.threshold()
-    ok = ok & (key < (thr[None] if group is None else thr[group]))  # only pairs that could enter
-    j, u = ok.nonzero(as_tuple=True)
-    g = u if group is None else group[j, u]
-    L = res.vec.shape[-1]
-    res.offer(g, key[j, u], b.names[j], lambda i: gather_rows(acts, b.starts[j[i]], b.lengths[j[i]], u[i], L))
+    """Offer (name j of the batch, unit u) pairs in groups gid; only those that could enter are kept."""
+    ok = key < res.threshold()[gid]  # after the first batches, few pass: gathering their vectors now is cheap
+    gid, key, j, u = gid[ok], key[ok], j[ok], u[ok]
+    res.add(gid, key, b.names[j], gather_rows(acts, b.starts[j], b.lengths[j], u, res.vec.shape[-1]))
+
+
+_P = 2_147_483_647  # 2^31 - 1
+
+
+def uniform_key(name: Int[Tensor, " m"], unit: Int[Tensor, " m"], salt: int) -> Float[Tensor, " m"]:
+    """A uniform number in [0, 1) that depends only on (name, unit, salt): samples drawn with it do not depend on
+    batching, order or which code path saw the pair. Multiplications modulo a prime mixed with xor-shifts; every
+    intermediate stays below 2^48, so int64 never overflows."""
+    x = (name.long() * 40503 + unit.long() * 9973 + (salt * 7919) % _P) % _P
+    for m, shift in ((48271, 11), (69621, 13), (16807, 7)):
+        x = (x * m) % _P
+        x = x ^ (x >> shift)
+    return (x % _P).double() / _P
 
 
 def _coarsen(counts: Float[Tensor, "units bins"], units: Tensor, factor: Tensor) -> None:
@@ -679,33 +733,50 @@ class _Accumulator:
         if n_neurons:
             st.corr = {"n": z(()), "xy": z(U, n_neurons), "x": z(U), "xx": z(U), "y": z(n_neurons), "yy": z(n_neurons)}
 
-    def update(self, b: ActBatch, gen: torch.Generator, sparse: bool | None = None) -> None:
-        st, a = self.st, b.acts[self.s.id]
+    def update(self, b: ActBatch, sparse: bool | None = None) -> None:
+        st, a, U = self.st, b.acts[self.s.id], len(self.s)
         st.n_tokens += len(a)
         st.n_names += len(b.names)
         for g in GROUPINGS:
             getattr(st, f"count_{g}").index_add_(0, getattr(b, g), torch.ones(len(a)))
         sparse = self.s.kind == "feature" if sparse is None else sparse
-        nz = a.nonzero(as_tuple=True) if sparse else None
-        peak = self._groups_sparse(b, a, nz) if sparse else self._groups_dense(b, a)
-        low = torch.segment_reduce(a, "min", lengths=b.lengths, axis=0) if self.s.signed else None
-        st.max = torch.maximum(st.max, peak.amax(0))
+        low = None
+        if sparse:  # (name, unit) pairs where the unit fires, with the name's peak: no dense [names, units] work
+            nz = a.nonzero(as_tuple=True)
+            j, u, peak = self._groups_sparse(b, a, nz)
+            batch_max = torch.zeros(U).scatter_reduce_(0, u, peak, "amax")
+        else:
+            nz = None
+            peaks = self._groups_dense(b, a)
+            batch_max = peaks.amax(0)
+            j, u = (peaks > 0).nonzero(as_tuple=True)
+            peak = peaks[j, u]
+            if self.s.signed:
+                low = torch.segment_reduce(a, "min", lengths=b.lengths, axis=0)
+        st.max = torch.maximum(st.max, batch_max)
         st.min = torch.minimum(st.min, low.amin(0)) if low is not None else st.min.clamp(max=0)
-        fires = peak > 0
-        st.active_names += fires.sum(0)
-        self._grow_ranges(peak.amax(0), None if low is None else -low.amin(0))
+        st.active_names += torch.bincount(u, minlength=U)
+        self._grow_ranges(batch_max, None if low is None else -low.amin(0))
         self._histogram(a, nz)
-        _offer_matrix(st.top, -peak, fires, b, a)
+        _offer_pairs(st.top, u, -peak, j, u, b, a)
         if low is not None:
-            _offer_matrix(st.bottom, low, low < 0, b, a)
+            jl, ul = (low < 0).nonzero(as_tuple=True)
+            _offer_pairs(st.bottom, ul, low[jl, ul], jl, ul, b, a)
         nb = self.cfg.n_bands
         scale = torch.where(st.range_pos > 0, nb / st.range_pos.clamp(min=1e-30), torch.zeros_like(st.range_pos))
-        band = (peak * scale).long().clamp_(0, nb - 1) + torch.arange(len(self.s)) * nb
-        st.band_count.view(-1).index_add_(0, band[fires], torch.ones(int(fires.sum())))
-        _offer_matrix(st.bands, torch.rand(peak.shape, generator=gen), fires, b, a, group=band)
-        _offer_matrix(st.random, torch.rand(peak.shape, generator=gen), fires, b, a)
+        band = u * nb + (peak * scale[u]).long().clamp_(0, nb - 1)
+        st.band_count.view(-1).index_add_(0, band, torch.ones(len(band)))
+        name, unit = b.names[j], self.s.indices[u]
+        _offer_pairs(st.bands, band, uniform_key(name, unit, 2 * self.cfg.seed + 1), j, u, b, a)
+        _offer_pairs(st.random, u, uniform_key(name, unit, 2 * self.cfg.seed + 2), j, u, b, a)
         if st.corr and b.neurons is not None:
             self._correlate(b, a, nz)
+
+    def finish(self) -> None:
+        """Merge the candidates still buffered in the reservoirs."""
+        for res in (self.st.top, self.st.bottom, self.st.bands, self.st.random):
+            if res is not None:
+                res.flush()
 
     def _groups_dense(self, b: ActBatch, a: Tensor) -> Float[Tensor, "names units"]:
         st = self.st
@@ -718,8 +789,9 @@ class _Accumulator:
         st.mass_region.index_add_(0, b.region, a.clamp(min=0) if self.s.signed else a)
         return torch.segment_reduce(a, "max", lengths=b.lengths, axis=0)
 
-    def _groups_sparse(self, b: ActBatch, a: Tensor, nz) -> Float[Tensor, "names units"]:
-        """The same sums from the non-zero entries only (an SAE's codes are mostly zeros)."""
+    def _groups_sparse(self, b: ActBatch, a: Tensor, nz) -> tuple[Tensor, Tensor, Tensor]:
+        """The same sums from the non-zero entries only (an SAE's codes are mostly zeros); returns the (name, unit)
+        pairs where the unit fires, with the name's peak."""
         st, U = self.st, a.shape[1]
         r, c = nz
         v = a[r, c]
@@ -730,9 +802,10 @@ class _Accumulator:
             getattr(st, f"active_{g}").view(-1).index_add_(0, flat, act)
         st.sumsq_char.view(-1).index_add_(0, b.char[r] * U + c, v * v)
         st.mass_region.view(-1).index_add_(0, b.region[r] * U + c, v.clamp(min=0))
-        peak = torch.zeros(len(b.names) * U)
-        peak.scatter_reduce_(0, b.row_name[r] * U + c, v, "amax")  # inactive positions are 0: the floor is right
-        return peak.view(len(b.names), U)
+        fires = v > 0
+        pair, inv = torch.unique(b.row_name[r[fires]] * U + c[fires], return_inverse=True)
+        peak = torch.zeros(len(pair)).scatter_reduce_(0, inv, v[fires], "amax", include_self=False)
+        return pair // U, pair % U, peak
 
     def _grow_ranges(self, top: Tensor, bottom: Tensor | None) -> None:
         """Double a unit's ranges until its new values fit, merging its bins and bands exactly (see UnitStats)."""
@@ -823,7 +896,6 @@ def collect(
         _Accumulator(s, model.cfg.d_vocab, model.cfg.n_ctx, len(col.region_names), col.max_len, settings, col.n_neurons)
         for s in col.unit_sets
     ]
-    gen = torch.Generator().manual_seed(settings.seed)
     was_training = model.training
     model.eval()
     try:
@@ -831,9 +903,11 @@ def collect(
             if b.neurons is not None:  # shared by every set's correlations
                 b.neuron_sum, b.neuron_sumsq = b.neurons.sum(0), (b.neurons * b.neurons).sum(0)
             for acc in accs:
-                acc.update(b, gen)
+                acc.update(b)
     finally:
         model.train(was_training)
+    for acc in accs:
+        acc.finish()
     for acc in accs:  # a NaN or an infinity anywhere reaches the sums: one cheap check at the end
         if not bool(torch.isfinite(acc.st.sumsq_char).all()):
             raise VillesError(f"{acc.s.id}: the activations hold NaN or infinite values")

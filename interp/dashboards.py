@@ -32,6 +32,7 @@ Causal panels, batched over all units of a set:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import html
 import json
@@ -41,6 +42,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -83,7 +85,7 @@ class DashboardSettings:
     store: StoreSettings = field(default_factory=StoreSettings)
     n_effect: int = 8  # top examples per unit that are ablated (per-character panel and logit effect)
     clamp: tuple[float, ...] = (0.0, 1.0, 2.0)  # clamp values, as multiples of the unit's max activation
-    n_generate: int = 4  # names generated per clamp value
+    n_generate: int = 3  # names generated per clamp value
     n_neighbours: int = 8
     effect_batch: int = 256  # rows per forward when ablating (small batches: less padding, warm caches)
     generate_batch: int = 2048  # rows sampled together
@@ -193,7 +195,7 @@ def ablation_effects(
 @contextmanager
 def _threads(n: int):
     """Run with n intra-op threads, then restore. Sampling steps work on tensors of a few hundred kB: splitting them
-    across threads costs more in synchronisation than it saves (measured 4-15x slower with 2 threads here)."""
+    across threads costs more in synchronisation than it saves (4-15x slower with 2 threads on this busy machine)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -240,7 +242,7 @@ def generate(
     nxt = seqs
     out: list[str] = [""] * n
     hooks = [(edit.s.hook, edit)] if edit is not None else []
-    with model.hooks(fwd_hooks=hooks), _threads(1):
+    with model.hooks(fwd_hooks=hooks):
         for t in range(limit - 1):
             if edit is not None:
                 edit.rows = live
@@ -670,6 +672,14 @@ class Clock:
             self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - w
             self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - c
 
+    def add(self, stage: str, wall: float, cpu: float) -> None:
+        self.wall[stage] = self.wall.get(stage, 0.0) + wall
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu
+
+    def total(self) -> float:
+        """Wall-clock seconds of the top-level stages (indented rows are parts of one of them)."""
+        return sum(v for k, v in self.wall.items() if not k.startswith(" "))
+
     def table(self) -> list[dict]:
         return [{"stage": k, "wall_s": self.wall[k], "cpu_s": self.cpu[k]} for k in self.wall]
 
@@ -681,6 +691,79 @@ class DashboardResult:
     pages: int
     clock: Clock
     sets: list[dict]
+
+
+def causal_panels(
+    model,
+    tok: CharTokenizer,
+    store: ActivationStore,
+    sets: Sequence[UnitSet],
+    settings: DashboardSettings,
+    clock: Clock | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Effects], dict[str, Tensor | None], list[str]]:
+    """Ablations and clamped generations of every set: (effects per set id, raw direction . W_U per set id, the
+    unclamped baseline names).
+
+    The two run side by side, ablations in this thread and generations in another, each with one torch thread: the
+    generation steps are too small to share out within an operation, and two threads of work keep both cores of a
+    small machine busy. torch releases the GIL inside its kernels, so the threads overlap. Hooks live on modules,
+    so the generation thread runs its own copy of the model (and of each SAE)."""
+    uniforms = torch.rand(settings.n_generate, model.cfg.n_ctx, generator=torch.Generator().manual_seed(settings.seed))
+    W_U = model.W_U.detach().float()
+    keep_v = _predictable(model.cfg.d_vocab)
+    n_rows = sum(  # the bar counts forward rows: ablated examples and clamped samples
+        int(torch.isfinite(store[s.id].top.key[:, : settings.n_effect]).sum())
+        + int((store[s.id].max > 0).sum()) * settings.n_generate * len(settings.clamp)
+        for s in sets
+    )
+    bar = tqdm(total=n_rows, desc="causal panels", unit="row", disable=not progress, dynamic_ncols=True)
+    gen_model = copy.deepcopy(model)
+    gen_out: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def generations() -> None:
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            gen_out["baseline"] = generate(
+                gen_model, tok, uniforms, torch.arange(settings.n_generate), None, settings.generate_max_len
+            )
+            for s in sets:
+                own = dataclasses.replace(s, sae=copy.deepcopy(s.sae)) if s.sae is not None else s
+                st = dataclasses.replace(store[s.id], unit_set=own)
+                gen_out[s.id] = clamped_generations(gen_model, tok, st, settings, uniforms, bar)
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+        if clock is not None:
+            clock.add("  generation (thread)", time.perf_counter() - w, time.thread_time() - c)
+
+    worker = threading.Thread(target=generations, name="villes-generation", daemon=True)
+    effects, direct = {}, {}
+    with _threads(1):
+        worker.start()
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            ablations = {
+                s.id: ablation_effects(
+                    model, tok, store[s.id], store.names, settings.n_effect, settings.effect_batch, bar
+                )
+                for s in sets
+            }
+        finally:
+            worker.join()
+        if clock is not None:
+            clock.add("  ablation (thread)", time.perf_counter() - w, time.thread_time() - c)
+    bar.close()
+    if errors:
+        raise errors[0]
+    for s in sets:
+        dirs = s.directions(model)
+        direct[s.id] = dirs @ W_U if dirs is not None else None  # raw, uncentred (the export wants it so)
+        raw = _centre(direct[s.id], keep_v) if dirs is not None else None
+        abl, through = ablations[s.id]
+        gens, values = gen_out[s.id]
+        effects[s.id] = Effects(abl, through, raw, gens, values)
+    return effects, direct, gen_out["baseline"]
 
 
 def unit_sets_for(
@@ -766,36 +849,8 @@ def dashboards(
     try:
         with clock("neighbours"):
             neigh = neighbours(model, store, settings.n_neighbours)
-        effects, direct = {}, {}
-        uniforms = torch.rand(
-            settings.n_generate, model.cfg.n_ctx, generator=torch.Generator().manual_seed(settings.seed)
-        )
-        W_U = model.W_U.detach().float()
-        keep_v = _predictable(model.cfg.d_vocab)
-        # the bar counts forward rows: each unit's ablated examples, then its clamped samples
-        n_rows = sum(
-            int(torch.isfinite(store[s.id].top.key[:, : settings.n_effect]).sum())
-            + int((store[s.id].max > 0).sum()) * settings.n_generate * len(settings.clamp)
-            for s in sets
-        )
-        bar = tqdm(total=n_rows, desc="causal panels", unit="row", disable=not progress, dynamic_ncols=True)
-        with clock("generation"):
-            baseline = generate(
-                model, tok, uniforms, torch.arange(settings.n_generate), None, settings.generate_max_len
-            )
-        for s in sets:
-            st = store[s.id]
-            with clock("ablation"):
-                abl, through = ablation_effects(
-                    model, tok, st, store.names, settings.n_effect, settings.effect_batch, bar
-                )
-            dirs = s.directions(model)
-            direct[s.id] = dirs @ W_U if dirs is not None else None  # raw, uncentred (the export wants it so)
-            raw = _centre(direct[s.id], keep_v) if dirs is not None else None
-            with clock("generation"):
-                gens, values = clamped_generations(model, tok, st, settings, uniforms, bar)
-            effects[s.id] = Effects(abl, through, raw, gens, values)
-        bar.close()
+        with clock("causal panels"):
+            effects, direct, baseline = causal_panels(model, tok, store, sets, settings, clock, progress)
     finally:
         model.train(was_training)
 
@@ -971,7 +1026,7 @@ def cmd_dashboards(args) -> int:
     from training.cli import format_table
 
     print(format_table(result.sets, ["id", "hook", "kind", "units", "dead", "dense"]))
-    total = sum(result.clock.wall.values())
+    total = result.clock.total()
     print(f"{result.pages} pages in {result.out} ({total:.1f} s); open {result.out / 'index.html'}")
     return 0
 

@@ -197,6 +197,8 @@ def test_model_sae_and_controls(tiny_transformer_dir, tiny_sae, tiny_corpus, tmp
     assert trained and control.cfg.d_sae == 64
     again, trained = load_or_train_control_sae(model, sae, train, tmp_path / "control", tokens=10_240)
     assert not trained and torch.equal(again.W_enc, control.W_enc)
+    with pytest.raises(VillesError, match="another model shape or other SAE settings"):  # a folder named by the user
+        load_or_train_control_sae(model, sae, train, tmp_path / "control", tokens=20_480, reuse_any=True)
     names = tiny_corpus.names
     report = monosemanticity(model, sae, names, [c.region for c in tiny_corpus.communes], control_sae=control)
     kinds = {}
