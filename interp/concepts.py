@@ -15,6 +15,9 @@ Families, each chosen by frequency (thresholds in `BankSettings`), never by hand
 - word       inside a frequent word (a maximal run between separators ␣ - ' ( ): saint, sur, la, le, lès, …
 - suffix     inside a frequent word ending (-ville, -court, -heim, -ac, …) of a word that is not itself frequent
 - prefix     inside a frequent word beginning (mont-, ville-, …), same rule
+             Words and affixes are frequent over the whole corpus, or within one region (a share of that region's
+             words: Breton plou- and ker-, Alsatian -sheim, Corsican di, … that are rare in France as a whole); a
+             concept chosen in a region labels its words in every region.
 - boundary   right after a separator (hyphen, space, apostrophe, parenthesis); first letter of a word
 - position   the character's index in the name, bucketed (0, 1, 2, 3-4, 5-7, 8-11, 12-17, 18+)
 - region     the name's region (a name-level label, repeated on its positions); also a name-level bank of its own
@@ -63,11 +66,21 @@ class BankSettings:
     suffix_lengths: tuple[int, int] = (2, 6)
     prefix_lengths: tuple[int, int] = (3, 6)
     position_buckets: tuple[int, ...] = (0, 1, 2, 3, 5, 8, 12, 18)  # bucket starts
-    region_min_names: int = 30
+    region_word_min: float = 1e-2  # word, also frequent when this fraction of one region's word tokens
+    region_affix_min: float = 1e-2  # suffix / prefix, also frequent when this fraction of one region's rare words
+    region_min_names: int = 30  # a region with fewer names has no concept (and chooses no word or affix)
     min_rows: int = 10  # any concept: at least this many positions
 
     def validate(self) -> None:
-        for name in ("char_min", "ngram_min", "word_min", "affix_min", "affix_dominance"):
+        for name in (
+            "char_min",
+            "ngram_min",
+            "word_min",
+            "affix_min",
+            "affix_dominance",
+            "region_word_min",
+            "region_affix_min",
+        ):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise VillesError(f"BankSettings.{name} must be a fraction in [0, 1], got {v}")
@@ -261,9 +274,15 @@ def build_bank(
         )
     )
 
-    # words: maximal runs of non-separators, with the row of their first character
+    kept_regions = sorted(
+        r for r, c in Counter(regions).items() if r and c >= max(settings.region_min_names, 1)
+    )  # a region's names must be split in two halves, so very rare regions are left out
+    region_index = {r: j for j, r in enumerate(kept_regions)}
+    region_of_name = np.array([region_index.get(r, -1) for r in regions], dtype=np.int64)
+
+    # words: maximal runs of non-separators, with the row of their first character (and their name's region)
     is_sep = np.fromiter((ch in SEPARATORS for ch in text), dtype=bool, count=n_pos)
-    word_starts, word_ends, word_text = [], [], []
+    word_starts, word_ends, word_text, word_region = [], [], [], []
     for k, name in enumerate(names):
         i = 0
         while i < len(name):
@@ -276,21 +295,31 @@ def build_bank(
             word_starts.append(starts[k] + i)
             word_ends.append(starts[k] + j)
             word_text.append(name[i:j])
+            word_region.append(region_of_name[k])
             i = j
-    word_count = Counter(word_text)
-    frequent = {w for w, c in word_count.items() if c >= max(settings.word_min * len(word_text), settings.min_rows)}
+    frequent = _frequent(word_text, settings.word_min, settings.min_rows)
+    by_region: dict[int, list[int]] = {}  # word indices of each kept region
+    for i, r in enumerate(word_region):
+        if r >= 0:
+            by_region.setdefault(int(r), []).append(i)
+    for members in by_region.values():
+        frequent |= _frequent([word_text[i] for i in members], settings.region_word_min, settings.min_rows)
     by_word: dict[str, list[np.ndarray]] = {}
     for s, e, w in zip(word_starts, word_ends, word_text, strict=True):
         if w in frequent:
             by_word.setdefault(w, []).append(np.arange(s, e))
     families.append(("word", [(w, np.concatenate(r)) for w, r in sorted(by_word.items())]))
 
-    rare = [(s, e, w) for s, e, w in zip(word_starts, word_ends, word_text, strict=True) if w not in frequent]
+    rare_idx = [i for i, w in enumerate(word_text) if w not in frequent]
+    rare = [(word_starts[i], word_ends[i], word_text[i]) for i in rare_idx]
+    rare_by_region = [[word_text[i] for i in rare_idx if word_region[i] == r] for r in sorted(by_region)]
     for fam, (lo, hi), at_end in (
         ("suffix", settings.suffix_lengths, True),
         ("prefix", settings.prefix_lengths, False),
     ):
-        chosen = _affixes([w for _, _, w in rare], lo, hi, at_end, settings)
+        chosen = _affixes([w for _, _, w in rare], lo, hi, at_end, settings.affix_min, settings)
+        for words in rare_by_region:
+            chosen |= _affixes(words, lo, hi, at_end, settings.region_affix_min, settings)
         found: dict[str, list[np.ndarray]] = {}
         for s, e, w in rare:
             for length in range(lo, min(hi, len(w) - 1) + 1):
@@ -319,10 +348,6 @@ def build_bank(
 
     families.append(("position", categorical(bucket, everywhere, 0, bucket_name)))
 
-    kept_regions = sorted(
-        r for r, c in Counter(regions).items() if r and c >= max(settings.region_min_names, 1)
-    )  # a region's names must be split in two halves, so very rare regions are left out
-    region_of_name = np.array([kept_regions.index(r) if r in kept_regions else -1 for r in regions], dtype=np.int64)
     pos_region = region_of_name[name_ids]
     families.append(("region", [(kept_regions[j], np.flatnonzero(pos_region == j)) for j in range(len(kept_regions))]))
 
@@ -376,13 +401,19 @@ def build_bank(
     )
 
 
-def _affixes(words: Sequence[str], lo: int, hi: int, at_end: bool, settings: BankSettings) -> set[str]:
-    """Frequent word endings (or beginnings) strictly shorter than their word, not mostly one longer affix."""
+def _frequent(words: Sequence[str], fraction: float, min_rows: int) -> set[str]:
+    """The words that make at least `fraction` of `words` (and at least `min_rows` of them)."""
+    return {w for w, c in Counter(words).items() if c >= max(fraction * len(words), min_rows)}
+
+
+def _affixes(words: Sequence[str], lo: int, hi: int, at_end: bool, fraction: float, settings: BankSettings) -> set[str]:
+    """Word endings (or beginnings) strictly shorter than their word, on at least `fraction` of `words`, not mostly
+    one longer affix."""
     counts: Counter[str] = Counter()
     for w in words:
         for length in range(lo, min(hi, len(w) - 1) + 1):
             counts[w[-length:] if at_end else w[:length]] += 1
-    minimum = max(settings.affix_min * len(words), settings.min_rows)
+    minimum = max(fraction * len(words), settings.min_rows)
     longer: dict[str, int] = {}  # the most frequent one-character extension of each affix
     for a, c in counts.items():
         if len(a) > lo:

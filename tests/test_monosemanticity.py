@@ -68,6 +68,23 @@ def test_bank_rows_are_the_characters_and_labels_read_the_text_so_far():
     assert bank.name_labels.dense()[5].sum() == 0  # a name without region has no name-level label
 
 
+def test_words_and_affixes_are_chosen_by_frequency_overall_or_in_one_region():
+    # "plou-" is 12 of Bretagne's 24 words but 12 of 224 overall; "-ville" is frequent everywhere; "kerbras" once
+    breton = [f"plou{c}{d}" for c in "abcdef" for d in "gh"] + [f"tré{c}{d}" for c in "ijklmn" for d in "op"]
+    other = [f"{c}{d}ville" for c in "abcdefghij" for d in "abcdefghij"] + [
+        f"mar{c}{d}" for c in "qrstuvwxyz" for d in "abcdefghij"
+    ]
+    names = breton + other + ["kerbras"]
+    regions = ["Bretagne"] * len(breton) + ["Normandie"] * (len(other) + 1)
+    settings = BankSettings(affix_min=0.1, region_affix_min=0.3, region_min_names=20)
+    ids = set(build_bank(names, regions, settings).labels.ids)
+    assert {"prefix=plou-", "suffix=-ville", "prefix=mar-"} <= ids and "prefix=ker-" not in ids
+    assert "prefix=plou-" not in build_bank(names, None, settings).labels.ids  # without regions: too rare overall
+    words = ["san pietro"] * 12 + [f"{c}{d}ville" for c in "abcdefghij" for d in "abcdefghij"]
+    bank = build_bank(words, ["Corse"] * 12 + ["Grand Est"] * 100, BankSettings(word_min=0.2, region_min_names=10))
+    assert {"word=san", "word=pietro"} <= set(bank.labels.ids)
+
+
 def test_labels_round_trip_through_dense_and_select():
     labels = small_bank().labels
     back = ConceptLabels.from_dense(labels.dense(), labels.ids, labels.families)
