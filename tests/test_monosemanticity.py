@@ -16,6 +16,7 @@ from interp.monosemanticity import (
     _pearson,
     load_or_train_control_sae,
     monosemanticity,
+    random_directions,
     read_rows,
     score,
     summarize,
@@ -143,6 +144,35 @@ def test_planted_units_score_as_they_must(bank):
     summary = summarize(rows)
     assert summary[0]["units"] == 5 and summary[0]["dead"] == 1 and summary[0]["dense"] == 2
     assert summary[0]["scored"] == 2
+
+
+def test_dictionary_directions_score_high_and_random_directions_low(bank):
+    """A 32-d space holding 16 concept detectors (characters, words) along orthonormal directions plus a dense
+    Gaussian background (σ 0.2 per dimension): each dictionary direction reads its concept back (Mono1 ≈ 1, Mono2 1), a
+    random unit direction mixes several (low Mono1, and Mono2 < 1: a union of concepts explains it better).
+    Without the background a random direction's top tail is its largest-weight concept alone (Mono1 ≈ 1 as well):
+    then only the mass share and r tell it apart."""
+    labels = bank.labels
+    counts = labels.counts()
+    fams = ("char", "word")
+    pick = [i for i in range(labels.n_concepts) if labels.families[i] in fams and 40 <= int(counts[i]) <= 400][:16]
+    assert len(pick) == 16
+    gen = torch.Generator().manual_seed(4)
+    dictionary = torch.linalg.qr(torch.randn(32, 16, generator=gen))[0]  # orthonormal columns
+    strength = 1 + 0.2 * torch.rand(bank.n_positions, 16, generator=gen)
+    clean = (labels.dense()[:, pick].float() * strength) @ dictionary.T
+    directions = random_directions(32, 48, seed=0)
+    for sigma in (0.2, 0.0):
+        x = clean + sigma * torch.randn(bank.n_positions, 32, generator=gen)
+        units = [UnitSet.projection("dictionary", "", x, dictionary), UnitSet.projection("random", "", x, directions)]
+        rows = score(units, labels, bank.name_ids)
+        learned = [r for r in rows if r["kind"] == "dictionary"]
+        assert [r["concept"] for r in learned] == [labels.ids[i] for i in pick]
+        assert min(r["mono1"] for r in learned) > 0.95 and min(r["mono2"] for r in learned) > 0.99
+        random = {s["kind"]: s for s in summarize(rows)}["random"]
+        if sigma:
+            assert random["mono1_all"][1] < 0.5 and random["mono2_all"][1] < 0.8
+        assert random["mass_share_all"][1] < 0.4 and random["r_all"][1] < 0.5
 
 
 def test_bank_order_changes_nothing(bank):
