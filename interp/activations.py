@@ -45,7 +45,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from training.errors import VillesError
-from training.tokenizer import BOS_ID, EOS_ID, SPECIALS, CharTokenizer
+from training.sae import char_tokenizer as sae_char_tokenizer
+from training.sae import hook_width, sae_positions
+from training.tokenizer import CharTokenizer
 
 KINDS = ("feature", "neuron", "direction")
 MLP_POST = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")
@@ -181,28 +183,6 @@ class UnitEdit:
         return x.scatter(-1, col, new[..., None])
 
 
-def _check_hook(model, hook: str) -> int:
-    """Width of a hook that gives one vector per position; one clear line for anything else."""
-    if hook not in model.hook_dict:
-        near = [h for h in model.hook_dict if h.endswith(hook.rsplit(".", 1)[-1])][:3]
-        hint = f" (e.g. {', '.join(near)})" if near else f" (e.g. blocks.{model.cfg.n_layers - 1}.hook_resid_post)"
-        raise VillesError(f"unknown hook {hook!r}: not a hook of this model{hint}")
-    tokens = torch.tensor([[BOS_ID, len(SPECIALS), EOS_ID]])
-    seen: dict[str, Tensor] = {}
-
-    def grab(x, hook):
-        seen["x"] = x
-
-    with torch.no_grad():
-        model.run_with_hooks(
-            tokens, fwd_hooks=[(hook, grab)], return_type=None, stop_at_layer=_stop_layer([hook], model)
-        )
-    shape = tuple(seen["x"].shape)
-    if len(shape) != 3 or shape[:2] != tuple(tokens.shape):
-        raise VillesError(f"hook {hook!r} gives activations of shape {list(shape)}: units need one vector per position")
-    return shape[-1]
-
-
 def _stop_layer(hooks: Sequence[str], model) -> int | None:
     """Run blocks only up to the deepest hook's own (None: a hook after the blocks, run everything)."""
     layers = []
@@ -228,7 +208,7 @@ def feature_units(model, sae, hook: str | None = None, units=None, id: str = "sa
     hook = hook or getattr(sae.cfg.metadata, "hook_name", None)
     if not hook:
         raise VillesError("the SAE does not name its hook (cfg.json metadata.hook_name): pass hook=")
-    width = _check_hook(model, hook)
+    width = hook_width(model, hook)  # the SAE trainer's check: one vector per position
     if width != sae.cfg.d_in:
         raise VillesError(
             f"SAE/model mismatch: the SAE reads d_in={sae.cfg.d_in} but hook {hook!r} of this model gives {width}"
@@ -240,12 +220,12 @@ def neuron_units(model, layer: int, units=None) -> UnitSet:
     if not 0 <= layer < model.cfg.n_layers:
         raise VillesError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers")
     hook = f"blocks.{layer}.mlp.hook_post"
-    width = _check_hook(model, hook)
+    width = hook_width(model, hook)
     return UnitSet(f"mlp{layer}", hook, "neuron", width, _indices(units, width))
 
 
 def direction_units(model, hook: str, units=None) -> UnitSet:
-    width = _check_hook(model, hook)
+    width = hook_width(model, hook)
     return UnitSet(hook, hook, "direction", width, _indices(units, width))
 
 
@@ -262,15 +242,11 @@ def all_neuron_units(model, units=None) -> list[UnitSet]:
 
 
 def char_tokenizer(model) -> CharTokenizer:
-    """The CharTokenizer behind a villes model's Hugging Face tokenizer (same ids, checked)."""
-    hf = getattr(model, "tokenizer", None)
-    if hf is None:
-        raise VillesError("the model has no tokenizer attached: load it with training.load_model or pass tokenizer=")
-    vocab = hf.get_vocab()
-    tok = CharTokenizer(s for s in vocab if s not in SPECIALS)
-    if tok.stoi != vocab:
-        raise VillesError("the model's tokenizer is not a villes character tokenizer: pass tokenizer=")
-    return tok
+    """The CharTokenizer behind a villes model's Hugging Face tokenizer (same ids, checked: `training.sae`'s)."""
+    try:
+        return sae_char_tokenizer(model)
+    except VillesError as e:
+        raise VillesError(f"{e} (or pass tokenizer=)") from None
 
 
 # --- the collector ---------------------------------------------------------------------------------------------------
@@ -355,7 +331,7 @@ class Collector:
         self.model.run_with_hooks(
             tokens, fwd_hooks=[(h, save) for h in self.hooks], return_type=None, stop_at_layer=self.stop
         )
-        mask = tokens > EOS_ID  # characters only (see "Positions")
+        mask = sae_positions(tokens)  # characters only (see "Positions")
         rows, t = mask.nonzero(as_tuple=True)
         lengths = mask.sum(1)
         flat = {h: store[h][mask] for h in self.hooks}  # one gather per hook, shared by the sets reading it

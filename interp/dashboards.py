@@ -70,6 +70,7 @@ from interp.activations import (
 )
 from training.errors import VillesError
 from training.lm import log_probs
+from training.sae import sae_positions
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer, replace_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +158,7 @@ def ablation_effects(
         uniq, inv = torch.unique(name_ids, return_inverse=True)
         tokens_u = tok.batch([names[i] for i in uniq])
         tokens = tokens_u[inv]
-        edit = UnitEdit(s, units, torch.zeros(len(chunk)), tokens > EOS_ID)
+        edit = UnitEdit(s, units, torch.zeros(len(chunk)), sae_positions(tokens))
         if start:  # blocks before the hook's are unchanged by the edit: run them once per distinct name
             logits_u, cache = model.run_with_cache(tokens_u, names_filter=f"blocks.{start}.hook_resid_pre")
             with model.hooks(fwd_hooks=[(s.hook, edit)]):
@@ -784,16 +785,71 @@ def unit_sets_for(
     return sets
 
 
+Labels = Mapping[tuple[str, int], tuple[str, float]]
+_LABEL_KINDS = {"feature": "feature", "neuron": "neuron", "residual": "direction", "basis": "direction"}
+
+
 def labels_from_rows(rows: Sequence[Mapping], sets: Sequence[UnitSet]) -> dict[tuple[str, int], tuple[str, float]]:
     """The `labels` slot from per-unit score rows such as interp.monosemanticity's (fields kind, hook, index,
-    concept, mono1): features and neurons map to the set reading the same hook; rows for other kinds (residual
-    directions with a sign, controls) are left out."""
-    by_hook = {(s.kind, s.hook): s.id for s in sets}
+    concept, mono1): a row labels the unit of the set of the same kind reading the same hook. Residual (or basis)
+    rows label direction sets: their unit i < d is +e_i, direction i; the -e_i rows (i >= d) and the controls are
+    left out. A row whose unit lies outside its set's width means the rows score another model: one clear error."""
+    by_hook = {(s.kind, s.hook): s for s in sets}
     out = {}
     for r in rows:
-        sid = by_hook.get((r.get("kind"), r.get("hook")))
-        if sid is not None and r.get("concept") is not None and r.get("mono1") is not None:
-            out[(sid, int(r["index"]))] = (str(r["concept"]), float(r["mono1"]))
+        if not isinstance(r, Mapping):
+            raise VillesError(f"a label row must be a mapping with kind, hook, index, concept, mono1; got {r!r:.80}")
+        s = by_hook.get((_LABEL_KINDS.get(r.get("kind")), r.get("hook")))
+        if s is None or r.get("concept") is None or r.get("mono1") is None:
+            continue
+        index = int(r["index"])
+        if r.get("kind") in ("residual", "basis") and index >= s.width:
+            continue  # the negative direction -e_(i-d)
+        if not 0 <= index < s.width:
+            raise VillesError(
+                f"label row for {r.get('kind')} {index} on {s.hook} is out of range ({s.width} units): "
+                "the labels score another model or SAE"
+            )
+        out[(s.id, index)] = (str(r["concept"]), float(r["mono1"]))
+    return out
+
+
+def resolve_labels(labels, sets: Sequence[UnitSet]) -> dict[tuple[str, int], tuple[str, float]] | None:
+    """`labels` as dashboards() takes it: None; a mapping (set id, unit index) -> (concept, score); per-unit rows
+    (interp.monosemanticity's `report.rows`); or a path to a monosemanticity folder or its units.json. Rows that
+    match none of the units to build mean the labels belong to another model, SAE or hook: one clear error."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, Path)):
+        from interp.monosemanticity import read_rows
+
+        path = Path(labels)
+        if path.is_file():
+            try:
+                labels = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise VillesError(f"cannot read label rows {path}: {str(e).splitlines()[0][:200]}") from None
+        elif path.is_dir():
+            labels = read_rows(path)
+        else:
+            raise VillesError(f"--labels {path}: no such file or folder (a monosemanticity report or its units.json)")
+        if isinstance(labels, Mapping) and isinstance(labels.get("rows"), list):
+            labels = labels["rows"]
+        if not isinstance(labels, list):
+            raise VillesError(f"{path} holds no per-unit label rows (expected a JSON list such as units.json)")
+    if isinstance(labels, Mapping):
+        ids = {s.id: s.width for s in sets}
+        out = {}
+        for key, value in labels.items():
+            if not (isinstance(key, tuple) and len(key) == 2 and isinstance(value, (tuple, list)) and len(value) == 2):
+                raise VillesError("labels must map (set id, unit index) to (concept, score)")
+            if key[0] in ids:
+                out[(key[0], int(key[1]))] = (str(value[0]), float(value[1]))
+    else:
+        out = labels_from_rows(labels, sets)
+    if labels and not out:
+        hooks = ", ".join(sorted({s.hook for s in sets}))
+        raise VillesError(f"none of the labels match the units built (on {hooks}): labels of another model or SAE?")
     return out
 
 
@@ -820,15 +876,15 @@ def dashboards(
     names: Sequence[str] | None = None,
     regions: Sequence[str] | None = None,
     settings: DashboardSettings = DashboardSettings(),
-    labels: Mapping[tuple[str, int], tuple[str, float]] | None = None,
+    labels: Labels | Sequence[Mapping] | Path | str | None = None,
     export: str | None = None,
     tokenizer: CharTokenizer | None = None,
     progress: bool = True,
     model_id: str = "villes",
 ) -> DashboardResult:
     """Build the dashboards folder `out` (see the module docstring). `names`/`regions` default to the split
-    `settings.store.split` of the default communes corpus. `labels` maps (set id, unit index) to (concept, score)
-    once the monosemanticity scores exist."""
+    `settings.store.split` of the default communes corpus. `labels` (the concept slot) maps (set id, unit index) to
+    (concept, score), or gives interp.monosemanticity's rows or report folder (see `resolve_labels`)."""
     clock = Clock()
     settings.validate()
     if export not in (None, "neuronpedia"):
@@ -836,6 +892,7 @@ def dashboards(
     out = Path(out)
     check_out(out)
     sets = unit_sets_for(model, sae, hook, units, neurons)
+    labels = resolve_labels(labels, sets)
     tok = tokenizer or char_tokenizer(model)
     if names is None:
         from training.data import load_communes
@@ -1018,6 +1075,7 @@ def cmd_dashboards(args) -> int:
         [c.name for c in communes],
         [c.region for c in communes],
         settings,
+        labels=args.labels,
         export=args.export,
         tokenizer=tok,
         progress=not args.quiet,
@@ -1046,6 +1104,12 @@ def add_dashboards_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (new, empty, or earlier dashboards)")
     p.add_argument("--units", default=None, help="unit indices, e.g. 0-99 or 0-9,42 (default: all)")
     p.add_argument("--split", default="all", choices=["train", "val", "test", "all"])
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="concept labels: a `villes monosemanticity` report folder or its units.json (best concept and Mono1)",
+    )
     p.add_argument("--export", default=None, choices=["neuronpedia"], help="also write per-unit Neuronpedia JSON")
     p.add_argument(
         "--threads",

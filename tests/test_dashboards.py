@@ -22,8 +22,17 @@ from interp.activations import (
     neuron_units,
     pearson,
 )
-from interp.dashboards import DashboardSettings, ablation_effects, dashboards, generate, parse_units
+from interp.dashboards import (
+    DashboardSettings,
+    ablation_effects,
+    dashboards,
+    generate,
+    parse_units,
+    resolve_labels,
+    unit_sets_for,
+)
 from training.cli import main
+from training.errors import VillesError
 from training.tokenizer import EOS_ID
 
 SMALL = StoreSettings(batch_size=37, top_k=5, n_bands=4, per_band=3, n_random=4, hist_bins=8, corr_every=1)
@@ -33,6 +42,14 @@ FAST = DashboardSettings(
     n_generate=2,
     n_neighbours=3,
 )
+LABEL_ROWS = [  # interp.monosemanticity's rows (the fields the slot reads, plus a few it ignores)
+    {"kind": "feature", "hook": "blocks.0.hook_resid_post", "index": 0, "concept": "char=a", "mono1": 0.812},
+    {"kind": "feature", "hook": "blocks.0.hook_resid_post", "index": 1, "concept": None, "mono1": None},
+    {"kind": "neuron", "hook": "blocks.0.mlp.hook_post", "index": 3, "concept": "prev=<bos>", "mono1": 0.5},
+    {"kind": "residual", "hook": "blocks.0.hook_resid_post", "index": 2, "concept": "pos=1", "mono1": 0.25},
+    {"kind": "residual", "hook": "blocks.0.hook_resid_post", "index": 18, "concept": "pos=2", "mono1": 0.3},
+    {"kind": "random_direction", "hook": "blocks.0.hook_resid_post", "index": 0, "concept": "char=b", "mono1": 0.1},
+]
 NP_FIELDS = {
     "feature_index",
     "neuron_alignment_indices",
@@ -407,6 +424,7 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
         names=names,
         regions=regions_for(names),
         settings=FAST,
+        labels=LABEL_ROWS,
         export="neuronpedia",
         progress=False,
         tokenizer=tok,
@@ -435,7 +453,11 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
         "generated",
         "neighbours",
     } <= set(alive)
-    assert alive["label"] is None and alive["score"] is None  # the slot the concept scores fill
+    assert alive["label"] == "char=a" and alive["score"] == 0.812  # the concept slot, from monosemanticity rows
+    assert page_data(out / "units" / "sae" / "1.html")["label"] is None
+    assert page_data(out / "units" / "mlp0" / "3.html")["label"] == "prev=<bos>"
+    index_rows = {(row[0], row[1]): row for row in page_data(out / "index.html")["rows"]}
+    assert index_rows[("sae", 0)][7:9] == ["char=a", 0.812] and index_rows[("sae", 2)][7:9] == [None, None]
     assert len(alive["logits"]["labels"]) == model.cfg.d_vocab - 2 and alive["logits"]["raw"] is not None
     assert set(alive["neighbours"]) == {"cosine", "neurons"}
     assert len(alive["generated"]["names"]) == len(FAST.clamp) and len(alive["generated"]["baseline"]) == 2
@@ -464,6 +486,30 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
     assert not list(tmp_path.glob(".dash*"))  # no temporary folder left behind
 
 
+def test_labels(tiny, tmp_path):
+    model, _ = tiny
+    sets = unit_sets_for(model, make_sae(), units=range(4), neurons=True)
+    want = {("sae", 0): ("char=a", 0.812), ("mlp0", 3): ("prev=<bos>", 0.5)}
+    assert resolve_labels(LABEL_ROWS, sets) == want
+    (tmp_path / "units.json").write_text(json.dumps(LABEL_ROWS), encoding="utf-8")
+    assert resolve_labels(tmp_path, sets) == want == resolve_labels(tmp_path / "units.json", sets)
+    assert resolve_labels({("sae", 2): ("x", 1)}, sets) == {("sae", 2): ("x", 1.0)}
+    resid = unit_sets_for(model, hook="blocks.0.hook_resid_post")
+    assert resolve_labels(LABEL_ROWS, resid) == {("blocks.0.hook_resid_post", 2): ("pos=1", 0.25)}  # +e_2 only
+    other = [dict(LABEL_ROWS[0], hook="blocks.5.hook_resid_post")]
+    for bad, message in (
+        (other, "none of the labels match"),
+        ([dict(LABEL_ROWS[0], index=99)], "out of range"),
+        (tmp_path / "missing.json", "no such file"),
+        (tmp_path / "nope", "no such file"),
+    ):
+        with pytest.raises(VillesError, match=message):
+            resolve_labels(bad, sets)
+    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
+    with pytest.raises(VillesError, match="cannot read"):
+        resolve_labels(tmp_path / "bad.json", sets)
+
+
 def test_parse_units():
     assert parse_units("0-3,7, 5") == [0, 1, 2, 3, 5, 7]
     assert parse_units(None) is None
@@ -488,6 +534,7 @@ def sae_dir(tmp_path_factory, tiny_transformer_dir):
 
 def test_cli_hook_and_sae(capsys, tmp_path, tiny_transformer_dir, sae_dir):
     out = tmp_path / "d"
+    (tmp_path / "units.json").write_text(json.dumps(LABEL_ROWS), encoding="utf-8")
     code, stdout, _ = run(
         capsys,
         "dashboards",
@@ -501,9 +548,12 @@ def test_cli_hook_and_sae(capsys, tmp_path, tiny_transformer_dir, sae_dir):
         "0-3",
         "--split",
         "val",
+        "--labels",
+        tmp_path / "units.json",
         "--quiet",
     )
     assert code == 0 and "mlp0" in stdout
+    assert page_data(out / "units" / "mlp0" / "3.html")["label"] == "prev=<bos>"
     assert sorted(p.name for p in (out / "units" / "mlp0").iterdir()) == ["0.html", "1.html", "2.html", "3.html"]
     code, _, _ = run(
         capsys,
@@ -532,6 +582,8 @@ def test_cli_bad_input(capsys, tmp_path, tiny_transformer_dir, sae_dir):
     make_sae(model_sha256="0" * 64).save_model(wrong_weights)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
+    wrong_labels = tmp_path / "labels.json"
+    wrong_labels.write_text(json.dumps([dict(LABEL_ROWS[2], hook="blocks.0.hook_resid_post")]), encoding="utf-8")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -545,6 +597,8 @@ def test_cli_bad_input(capsys, tmp_path, tiny_transformer_dir, sae_dir):
         (["--checkpoint", ck, "--sae", tmp_path], "not a SAELens SAE folder"),
         (["--checkpoint", tmp_path / "nope", "--hook", "blocks.0.mlp.hook_post"], "not found"),
         (["--checkpoint", ck, "--hook", "blocks.0.mlp.hook_post", "--units", "x"], "--units"),
+        (["--checkpoint", ck, "--hook", "blocks.0.mlp.hook_post", "--labels", wrong_labels], "none of the labels"),
+        (["--checkpoint", ck, "--hook", "blocks.0.mlp.hook_post", "--labels", tmp_path / "no"], "no such file"),
     ]
     for args, message in cases:
         out = tmp_path / "never"
