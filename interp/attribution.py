@@ -968,7 +968,9 @@ def _graphs(ctx: _Ctx, gxa: Tensor, labels, link: str, node_share: float, max_fe
             }
             if ctx.kind[n] == FEATURE:
                 node["feature"] = ctx.feat[n].item()
-                node["label"] = _label(labels, ctx.specs[k].id, node["feature"])
+                node["label"], score = _label(labels, ctx.specs[k].id, node["feature"])
+                if score is not None:
+                    node["label_score"] = score
                 node["link"] = link.format(index=node["feature"], sae=ctx.specs[k].id)
             nodes.append(node)
         out_id = "out"
@@ -1000,12 +1002,28 @@ def _node_id(ctx: _Ctx, n: int) -> str:
     return f"{'err' if kind == ERROR else 'bias'}:{ctx.specs[k].id}:{q}"
 
 
-def _label(labels, sae_id: str, index: int) -> str:
+def _label(labels, sae_id: str, index: int) -> tuple[str, float | None]:
+    """(text shown in the label column, score or None). A (concept, score) value, as `interp.monosemanticity`'s
+    labels give, shows as "concept 0.93"."""
     if labels is None:
-        return ""
-    if callable(labels):
-        return labels(sae_id, index) or ""
-    return labels.get((sae_id, index), labels.get(index, "")) or ""
+        return "", None
+    value = labels(sae_id, index) if callable(labels) else labels.get((sae_id, index), labels.get(index))
+    if isinstance(value, tuple):
+        text, score = value
+        return f"{text} {float(score):.2f}", float(score)
+    return value or "", None
+
+
+def _as_labels(labels, specs: list[SAESpec]):
+    """The labels argument as a mapping or a function; a monosemanticity report (a `Report`, its rows, or its folder)
+    becomes {(sae id, index): (best concept, Mono1)} for each SAE, checked to be this SAE's."""
+    from interp.monosemanticity import Report, sae_labels
+
+    if labels is None or callable(labels) or isinstance(labels, Mapping):
+        return labels
+    if isinstance(labels, Report | str | Path) or isinstance(labels, Sequence):
+        return {(s.id, i): v for s in specs for i, v in sae_labels(labels, s.sae, s.hook).items()}
+    raise VillesError(f"labels must be a mapping, a function or a monosemanticity report, got {type(labels).__name__}")
 
 
 # --- results ---------------------------------------------------------------------------------------------------------
@@ -1021,6 +1039,7 @@ class NodeRow:
     activation: float | None = None
     label: str = ""
     link: str | None = None
+    label_score: float | None = None  # the label's score (Mono1 of the feature's best concept), when it has one
 
 
 @dataclass
@@ -1120,7 +1139,7 @@ def attribute(
     faithfulness: bool = True,
     graph: bool | None = None,
     keep_ks: Sequence[int] = KEEP_KS,
-    labels: Mapping | Callable[[str, int], str | None] | None = None,
+    labels: Mapping | Callable[[str, int], str | tuple[str, float] | None] | str | Path | Any | None = None,
     feature_link: str = FEATURE_LINK,
     node_share: float = 0.8,
     max_graph_features: int = 8,
@@ -1134,7 +1153,9 @@ def attribute(
     freeze_norms: "final" (the final norm's scale is frozen for gradients), "all", or "none".
     faithfulness: Spearman vs ablation, error share, keep-top-k curve per prediction (adds the ablation run).
     graph: the pruned attribution graph per prediction (default: when several SAEs are given).
-    labels: {(sae id, index) or index: text} or fn(sae id, index) for the label column (concept labels).
+    labels: the label column (concept labels): {(sae id, index) or index: text or (text, score)}, fn(sae id, index),
+        or a monosemanticity report of these SAEs (`interp.monosemanticity.Report`, its rows, or its folder): each
+        feature's best concept and Mono1 ("word=saint 0.93"; VillesError when the report was made for another SAE).
     feature_link: dashboard page of a feature, a format string with {index} and {sae}.
     """
     specs = _as_specs(model, saes)
@@ -1147,6 +1168,7 @@ def attribute(
     if unknown or not methods:
         raise VillesError(f"unknown method {unknown[0] if unknown else '(none)'!r}: choose from {', '.join(METHODS)}")
     graph = len(specs) > 1 if graph is None else graph
+    labels = _as_labels(labels, specs)
     ctx = _prepare(model, tok, specs, name, position, target, baseline, means, freeze_norms, ig_steps)
     ctx.graph_rows = graph
     run = list(dict.fromkeys(methods + (["ablation"] if faithfulness else []) + (["gxa"] if graph else [])))
@@ -1174,8 +1196,10 @@ def _prediction(ctx: _Ctx, j, scores, shown, labels, link, faith, graphs, top_n)
         sid = ctx.specs[saes[r]].id
         if kinds[r] == FEATURE:
             fi = feats[r]
-            label = _label(labels, sid, fi)
-            feats_rows.append(NodeRow("feature", sc, sid, poss[r], fi, acts[r], label, link.format(index=fi, sae=sid)))
+            label, label_score = _label(labels, sid, fi)
+            feats_rows.append(
+                NodeRow("feature", sc, sid, poss[r], fi, acts[r], label, link.format(index=fi, sae=sid), label_score)
+            )
         else:
             others.append(NodeRow(KIND_NAMES[kinds[r]], sc, sid, poss[r], activation=acts[r]))
     feats_rows.sort(key=lambda r: -abs(_num(r.scores.get(key))))

@@ -43,6 +43,13 @@ def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="everything as JSON on stdout")
     p.add_argument("--html", type=Path, default=None, help="write an offline page (plotly.min.js beside it)")
     p.add_argument("--feature-link", default="features/{index}.html", help="dashboard page of a feature")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a `villes monosemanticity --out` folder of these SAEs: label each feature with its best concept, Mono1",
+    )
     p.set_defaults(func=cmd_attribute)
     return p
 
@@ -93,6 +100,14 @@ def cmd_attribute(args) -> int:
     corpus_info = config.get("corpus", {})
     name = normalize(args.name) if corpus_info.get("lowercase", True) else args.name.strip()
     saes = [load_sae_folder(folder, args.checkpoint) for folder in (args.sae or [DEFAULT_SAE])]
+    labels = None
+    if args.labels is not None:  # checked against the SAEs before any model work
+        from interp.monosemanticity import sae_labels
+
+        labels = {}
+        for sae in saes:
+            hook = sae.cfg.metadata.hook_name
+            labels.update({(hook, i): v for i, v in sae_labels(args.labels, sae, hook).items()})
     kind = "logit_diff" if args.versus is not None else args.kind
     if args.versus is not None and args.kind != "logprob":
         raise VillesError("--versus makes a logit difference: leave --kind out")
@@ -118,6 +133,7 @@ def cmd_attribute(args) -> int:
         ig_steps=args.ig_steps,
         graph=True if args.graph else None,
         feature_link=args.feature_link,
+        labels=labels,
     )
     if args.html is not None:
         path = write_html(result, args.html, start=args.position)

@@ -989,6 +989,7 @@ def monosemanticity(
         "name_concepts": bank.name_labels.n_concepts,
         "hook": hook,
         "sae_l0": l0,
+        "sae_fingerprint": sae_fingerprint(sae) if sae is not None else None,
         "settings": _asdict(settings),
         "bank_settings": _asdict(bank.settings),
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
@@ -1128,13 +1129,85 @@ def write_report(report: Report, folder: Path | str, figs: bool = True) -> None:
 
 def read_rows(folder: Path | str) -> list[dict]:
     """The per-unit rows of a monosemanticity folder (for the dashboards' label slot, the steering's feature picks)."""
+    return _read_source(folder)[0]
+
+
+def _read_source(source) -> tuple[list[dict], dict]:
+    """(rows, info) of a Report, of a list of rows (no info), or of a monosemanticity folder (or its units.json)."""
     import json
 
-    path = Path(folder) / "units.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VillesError(f"cannot read monosemanticity rows {path}: {e}") from None
+    if isinstance(source, Report):
+        return source.rows, source.info
+    if isinstance(source, str | Path):
+        path = Path(source)
+        folder = path.parent if path.name == "units.json" else path
+        units = folder / "units.json"
+        try:
+            rows = json.loads(units.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VillesError(f"{path} is not a monosemanticity folder (no units.json)") from None
+        except (OSError, ValueError) as e:
+            raise VillesError(f"cannot read monosemanticity rows {units}: {str(e).splitlines()[0]}") from None
+        try:
+            info = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        source = rows
+    else:
+        info = {}
+    if not isinstance(source, Sequence) or not all(isinstance(r, dict) for r in source):
+        raise VillesError("monosemanticity rows must be a list of per-unit rows (units.json)")
+    for r in source:
+        if not {"kind", "hook", "index", "concept", "mono1"} <= r.keys():
+            raise VillesError("monosemanticity rows lack kind, hook, index, concept or mono1: not a units.json")
+    return list(source), info if isinstance(info, dict) else {}
+
+
+def unit_labels(source, kind: str | None = None) -> dict[tuple[str, str, int], tuple[str, float]]:
+    """Each scored unit's label: (kind, hook, index) -> (best concept c*, Mono1), e.g. ("feature",
+    "blocks.1.hook_resid_post", 17) -> ("word=saint", 0.93); `kind` keeps one kind only. `source`: a `Report`, its
+    rows, or a monosemanticity folder (or its units.json). Units without a score (never active on half A) have no
+    label; flagged (dead, dense) units keep theirs (the rows say which they are)."""
+    rows, _ = _read_source(source)
+    return {
+        (str(r["kind"]), str(r["hook"]), int(r["index"])): (str(r["concept"]), float(r["mono1"]))
+        for r in rows
+        if r["concept"] is not None and r["mono1"] is not None and (kind is None or r["kind"] == kind)
+    }
+
+
+def sae_fingerprint(sae: SAE) -> str:
+    """A short digest of an SAE's weights (encoder and decoder), recorded in summary.json so that labels are never
+    shown on another SAE's features."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in (sae.W_enc, sae.b_enc, sae.W_dec):
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def sae_labels(source, sae: SAE, hook: str | None = None) -> dict[int, tuple[str, float]]:
+    """The labels of one SAE's features: index -> (best concept, Mono1), from a report scored on this very SAE (same
+    hook, as many features, and the same weights when the report records them); otherwise VillesError."""
+    rows, info = _read_source(source)
+    hook = hook or sae.cfg.metadata.hook_name or ""
+    feats = [r for r in rows if r["kind"] == "feature" and r["hook"] == hook]
+    if not feats:
+        hooks = sorted({r["hook"] for r in rows if r["kind"] == "feature"})
+        raise VillesError(
+            f"the monosemanticity report has no SAE features on {hook}"
+            + (f" (it scored features on {', '.join(hooks)})" if hooks else " (it was run without an SAE)")
+        )
+    if len(feats) != sae.cfg.d_sae or max(int(r["index"]) for r in feats) != sae.cfg.d_sae - 1:
+        raise VillesError(
+            f"the monosemanticity report scored {len(feats)} features on {hook}, this SAE has {sae.cfg.d_sae}: "
+            "it was made for another SAE"
+        )
+    recorded = info.get("sae_fingerprint")
+    if recorded and recorded != sae_fingerprint(sae):
+        raise VillesError(f"the monosemanticity report was made for another SAE on {hook} (other weights)")
+    return {index: label for (_, _, index), label in unit_labels(feats).items()}
 
 
 def units_for(rows: Sequence[dict], concept: str, kind: str = "feature", level: str = "position") -> list[dict]:

@@ -373,3 +373,52 @@ def test_cli_attribute(tiny, tiny_transformer_dir, tmp_path, capsys):
     foreign.save_model(tmp_path / "foreign")
     assert main([*base[:-1], str(tmp_path / "foreign"), NAME]) == 2
     assert "other weights" in capsys.readouterr().err
+
+
+# --- concept labels from a monosemanticity report ------------------------------------------------------------------
+def test_labels_from_a_monosemanticity_report(tiny, tiny_transformer_dir, tiny_corpus, tmp_path, capsys):
+    from interp.monosemanticity import monosemanticity, sae_labels, unit_labels, write_report
+    from training.cli import main
+
+    model, _ = tiny
+    sae = make_sae(model, "blocks.0.hook_resid_post")
+    report = monosemanticity(model, sae, tiny_corpus.names, controls=False)
+    folder = tmp_path / "mono"
+    write_report(report, folder, figs=False)
+    expected = {i: v for (kind, _, i), v in unit_labels(report).items() if kind == "feature"}
+    assert expected and sae_labels(folder, sae) == expected == sae_labels(report.rows, sae)
+    a = attribute(model, sae, NAME, position=6, labels=report, faithfulness=False, methods=["gxa"], graph=True)
+    b = attribute(model, sae, NAME, position=6, labels=folder, faithfulness=False, methods=["gxa"], graph=True)
+    assert a.to_json() == b.to_json()
+    data = json.loads(a.to_json())["predictions"][0]
+    feats = [r for r in data["rows"] if r["kind"] == "feature"]
+    for r in feats:
+        concept, score = expected[r["feature"]]
+        assert r["label"] == f"{concept} {score:.2f}" and r["label_score"] == pytest.approx(score)
+    nodes = [n for n in data["graph"]["nodes"] if n["kind"] == "feature"]
+    assert nodes and all(n["label"] and "label_score" in n for n in nodes)
+    assert any(f"{expected[feats[0]['feature']][0]}" in line for line in format_attribution(a, 6).splitlines())
+    # a report of another SAE (same hook and width, other weights) or of no SAE is refused
+    with pytest.raises(VillesError, match="another SAE"):
+        attribute(model, make_sae(model, "blocks.0.hook_resid_post", seed=1), NAME, labels=folder)
+    with pytest.raises(VillesError, match="another SAE"):
+        attribute(model, make_sae(model, "blocks.0.hook_resid_post", d_sae=16), NAME, labels=report.rows)
+    with pytest.raises(VillesError, match="no SAE features on blocks.0.hook_mlp_out"):
+        sae_labels(report, sae, "blocks.0.hook_mlp_out")
+    # the command line: --labels DIR; a folder that is no report, or a report of another SAE, exits 2
+    sae_dir, other_dir = tmp_path / "sae", tmp_path / "other"
+    sae.save_model(sae_dir)
+    make_sae(model, "blocks.0.hook_resid_post", seed=1).save_model(other_dir)
+    base = ["attribute", "--checkpoint", str(tiny_transformer_dir), "--baseline", "zero", NAME, "--position", "6"]
+    base.append("--labels")
+    assert main([*base, str(folder), "--sae", str(sae_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"][0]["rows"]
+    shown = {r["feature"]: r["label"] for r in rows if r["kind"] == "feature"}
+    assert shown and all(label == "{} {:.2f}".format(*expected[f]) for f, label in shown.items())
+    for labels, sae_folder, message in (
+        (tmp_path / "missing", sae_dir, "no units.json"),
+        (folder, other_dir, "another SAE"),
+    ):
+        assert main([*base, str(labels), "--sae", str(sae_folder)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
