@@ -42,3 +42,32 @@ def tiny_transformer_dir(tmp_path_factory, tiny_corpus):
     settings = TrainSettings(steps=60, batch_size=16, lr=1e-2, warmup=5, eval_every=20, patience=100, dropout=0.1)
     train_to_folder("transformer", TINY_TRANSFORMER, settings, tiny_corpus, out, progress=False)
     return out
+
+
+@pytest.fixture
+def villes_cli(capsys):
+    """Run the `villes` command in process: run(*argv) -> (exit status, stdout, stderr); argparse's own exits (bad
+    flags) count as statuses too."""
+    from training.cli import main
+
+    def run(*argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_topk_sae_dir(tmp_path_factory, tiny_transformer_dir):
+    """A TopK SAE (64 latents, k 4) trained on the tiny transformer's last residual stream for 40k tokens: a SAELens
+    folder."""
+    from training.sae import SAESettings, train_sae_to_folder
+
+    out = tmp_path_factory.mktemp("topk_sae") / "sae"
+    settings = SAESettings(arch="topk", d_sae=64, k=4, tokens=40_000, batch_size=512)
+    train_sae_to_folder(tiny_transformer_dir, settings, out, progress=False)
+    return out

@@ -22,20 +22,10 @@ from interp.monosemanticity import (
     summarize,
     units_for,
 )
-from training.cli import main
 from training.errors import VillesError
 
 NAMES = ["saint-martin", "la chapelle", "l'isle-adam", "abbeville", "saint-jean", "marseille"]
 REGIONS = ["Bretagne", "Bretagne", "Île-de-France", "Hauts-de-France", "Bretagne", ""]
-
-
-def villes(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse rejects some flags itself, with status 2
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- the bank ---------------------------------------------------------------------------------------------------------
@@ -223,22 +213,12 @@ def test_scoring_bad_input(bank):
 
 
 # --- a model, an SAE, the controls and the command --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_sae(tmp_path_factory, tiny_transformer_dir):
-    from training.sae import SAESettings, train_sae_to_folder
-
-    out = tmp_path_factory.mktemp("mono_sae") / "sae"
-    settings = SAESettings(arch="topk", d_sae=64, k=4, tokens=40_000, batch_size=512)
-    train_sae_to_folder(tiny_transformer_dir, settings, out, progress=False)
-    return out
-
-
-def test_model_sae_and_controls(tiny_transformer_dir, tiny_sae, tiny_corpus, tmp_path):
+def test_model_sae_and_controls(tiny_transformer_dir, tiny_topk_sae_dir, tiny_corpus, tmp_path):
     from training.sae import load_sae
     from training.transformer import load_model
 
     model = load_model(tiny_transformer_dir)
-    sae = load_sae(tiny_sae, model)
+    sae = load_sae(tiny_topk_sae_dir, model)
     train = tiny_corpus.split_names("train")
     control, trained = load_or_train_control_sae(model, sae, train, tmp_path / "control", tokens=10_240)
     assert trained and control.cfg.d_sae == 64
@@ -258,11 +238,13 @@ def test_model_sae_and_controls(tiny_transformer_dir, tiny_sae, tiny_corpus, tmp
     assert {s["kind"] for s in report.summary} == set(kinds)
 
 
-def test_command_writes_its_folder_and_reuses_the_control(capsys, tiny_transformer_dir, tiny_sae, tmp_path):
+def test_command_writes_its_folder_and_reuses_the_control(
+    villes_cli, tiny_transformer_dir, tiny_topk_sae_dir, tmp_path
+):
     out = tmp_path / "mono"
-    args = ("monosemanticity", "--checkpoint", tiny_transformer_dir, "--sae", tiny_sae, "--out", out,
+    args = ("monosemanticity", "--checkpoint", tiny_transformer_dir, "--sae", tiny_topk_sae_dir, "--out", out,
             "--control-tokens", 10240)  # fmt: skip
-    code, stdout, _ = villes(capsys, *args)
+    code, stdout, _ = villes_cli(*args)
     assert code == 0 and "Mono1" in stdout and "random_model_feature" in stdout
     for name in ("units.csv", "units.json", "summary.json", "summary.txt", "concepts.json", "figures.html"):
         assert (out / name).is_file()
@@ -271,27 +253,37 @@ def test_command_writes_its_folder_and_reuses_the_control(capsys, tiny_transform
     assert summary["format"] == FORMAT and summary["control_sae_trained_now"]
     rows = read_rows(out)
     assert rows[0]["kind"] == "feature" and rows[0]["index"] == 0
-    code, stdout, _ = villes(capsys, *args, "--json")
+    code, stdout, _ = villes_cli(*args, "--json")
     assert code == 0 and json.loads(stdout)["control_sae_trained_now"] is False
 
 
-def test_command_bad_input_exits_2_and_writes_nothing(capsys, tiny_transformer_dir, tiny_sae, tmp_path):
+def test_command_bad_input_exits_2_and_writes_nothing(villes_cli, tiny_transformer_dir, tiny_topk_sae_dir, tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("keep me")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    wide = tmp_path / "wide_sae"  # an SAE of another model: it reads vectors of 24, the model's are 16
+    TopKSAE(
+        TopKSAEConfig(d_in=24, d_sae=8, k=2, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post"))
+    ).save_model(wide)
+    sae = tiny_topk_sae_dir
     cases = [
         ("--checkpoint", tmp_path / "missing", "--no-sae", "--out", tmp_path / "o1"),
+        ("--checkpoint", tiny_transformer_dir, "--sae", wide, "--out", tmp_path / "o4"),
+        ("--checkpoint", tiny_transformer_dir, "--sae", other, "--out", tmp_path / "o5"),
         ("--checkpoint", tiny_transformer_dir, "--sae", tmp_path / "missing", "--out", tmp_path / "o2"),
         ("--checkpoint", tiny_transformer_dir, "--no-sae", "--out", a_file),
         ("--checkpoint", tiny_transformer_dir, "--no-sae", "--out", other),
-        ("--checkpoint", tiny_transformer_dir, "--sae", tiny_sae, "--out", tmp_path / "o3", "--control-tokens", 0),
+        ("--checkpoint", tiny_transformer_dir, "--sae", sae, "--out", tmp_path / "o3", "--control-tokens", 0),
         ("--checkpoint", tiny_transformer_dir, "--out", tiny_transformer_dir, "--no-sae"),
     ]
     before = sorted(p.name for p in tmp_path.iterdir())
     for case in cases:
-        code, _, err = villes(capsys, "monosemanticity", *case)
+        code, _, err = villes_cli("monosemanticity", *case)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert a_file.read_text() == "keep me" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
