@@ -1,5 +1,5 @@
 """Activation store and dashboards: the store against brute force, the causal panels against direct computation,
-the folder, the command and its bad input, and (marked slow; skipped without Chromium) the pages in a browser."""
+the folder, the command and its bad input, and (marked browser; skipped without Chromium) the pages in a browser."""
 
 import json
 import math
@@ -613,16 +613,21 @@ def test_cli_bad_input(capsys, tmp_path, tiny_transformer_dir, sae_dir):
 
 
 # --- in a browser ----------------------------------------------------------------------------------------------------
+# Debian's headless `chromium` (CI installs it, see .ci/run). Its command line is enough: --dump-dom gives the page
+# after its scripts ran (--virtual-time-budget lets them finish), --enable-logging=stderr prints every console message
+# (console.log/error and uncaught exceptions) as an INFO:CONSOLE line, and --screenshot saves a PNG.
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def _chromium(*args, timeout=120):
+def _chromium(profile, *args, timeout=120):
     return subprocess.run(
         [
             CHROMIUM,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={profile}",  # its own profile: runs in parallel never share one
             "--enable-logging=stderr",
             "--v=0",
             "--virtual-time-budget=10000",
@@ -634,8 +639,8 @@ def _chromium(*args, timeout=120):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install -y chromium)")
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install -y chromium)")
 def test_pages_render_in_chromium(tiny, tiny_corpus, tmp_path):
     model, tok = tiny
     names = tiny_corpus.names
@@ -649,25 +654,29 @@ def test_pages_render_in_chromium(tiny, tiny_corpus, tmp_path):
         names=names,
         regions=regions_for(names),
         settings=FAST,
+        labels=LABEL_ROWS,
         progress=False,
         tokenizer=tok,
     )
-    index = _chromium("--dump-dom", (out / "index.html").as_uri())
-    page = out / "units" / "sae" / "1.html"
-    assert page_data(page)["flags"] == []
-    unit = _chromium("--dump-dom", page.as_uri())
+    profile = tmp_path / "profile"
+    index = _chromium(profile, "--dump-dom", (out / "index.html").as_uri())
+    page = out / "units" / "sae" / "1.html"  # alive, not dense
+    assert page_data(page)["flags"] == [] and page_data(page)["label"] is None
+    unit = _chromium(profile, "--dump-dom", page.as_uri())
     for result in (index, unit):
         assert result.returncode == 0, result.stderr[-2000:]
         console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
         assert not console, console  # the pages log nothing: any console message is a fault
     rows = re.findall(r"<tr[^>]*>", index.stdout.split("<tbody>", 1)[1])
     assert len(rows) == 10  # 5 features + 5 neurons, every one drawn
-    assert "10 of 10 units" in index.stdout
+    assert "10 of 10 units" in index.stdout and "char=a" in index.stdout and "0.812" in index.stdout
+    assert 'href="units/sae/0.html"' in index.stdout
     plots = unit.stdout.count('class="plot js-plotly-plot"')
     assert plots == 7  # histogram, 2 logit charts, 3 "where it fires" charts, regions
-    assert unit.stdout.count('class="main-svg"') >= plots
+    assert unit.stdout.count('class="main-svg"') >= plots  # plotly drew each one
+    assert "not scored yet" in unit.stdout  # the concept slot, empty for this unit
     for target, name in ((out / "index.html", "index.png"), (page, "feature.png")):
-        shot = tmp_path / name
-        r = _chromium("--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}", target.as_uri())
-        assert r.returncode == 0 and shot.stat().st_size > 20_000
-        shutil.copy(shot, out / name)  # kept beside the pages (pytest's tmp folder) for a look
+        shot = tmp_path / name  # pytest's tmp folder: kept (the last few runs) for a look
+        r = _chromium(profile, "--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}", target.as_uri())
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
