@@ -20,25 +20,11 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from interp.regions import (
-    FIT,
-    ClassifierSettings,
-    NaiveBayes,
-    collect_region_sample,
-    diff_of_means,
-    direction_steering,
-    feature_steering,
-    fit_region_vectors,
-    load_or_train_classifier,
-    probe_direction,
-    recall_table,
-    region_features,
-)
+from interp import regions as rg
 from interp.steering import (
     Edit,
     Where,
@@ -69,12 +55,12 @@ def log(msg: str) -> None:
 # --- the classifier ---------------------------------------------------------------------------------------------------
 def classifier_section(corpus, cache: Path) -> tuple[object, list[dict], dict]:
     t0 = time.perf_counter()
-    clf, info = load_or_train_classifier(corpus, cache, ClassifierSettings())
+    clf, info = rg.load_or_train_classifier(corpus, cache, rg.ClassifierSettings())
     seconds = time.perf_counter() - t0
-    nb = NaiveBayes(corpus)
+    nb = rg.NaiveBayes(corpus)
     rows, summary = [], {"seconds": round(seconds, 1), **{k: v for k, v in info.items() if k != "history"}}
     for split in ("val", "test"):
-        lr, base = recall_table(clf.predict, corpus, split), recall_table(nb.predict, corpus, split)
+        lr, base = rg.recall_table(clf.predict, corpus, split), rg.recall_table(nb.predict, corpus, split)
         n = sum(c for _, c in lr.values())
         summary[f"{split}_accuracy"] = sum(r * c for r, c in lr.values()) / n
         summary[f"{split}_accuracy_nb"] = sum(r * c for r, c in base.values()) / n
@@ -86,7 +72,7 @@ def classifier_section(corpus, cache: Path) -> tuple[object, list[dict], dict]:
                         "test names": count,
                         "recall (logistic 1-5-grams)": f"{recall:.1%}",
                         "recall (naive Bayes 1-3-grams)": f"{base[region][0]:.1%}",
-                        "val recall": f"{recall_table(clf.predict, corpus, 'val').get(region, (0, 0))[0]:.1%}"
+                        "val recall": f"{rg.recall_table(clf.predict, corpus, 'val').get(region, (0, 0))[0]:.1%}"
                         if region in REGIONS
                         else "",
                     }
@@ -95,25 +81,25 @@ def classifier_section(corpus, cache: Path) -> tuple[object, list[dict], dict]:
 
 
 # --- the catalogue ----------------------------------------------------------------------------------------------------
-def _ending(suffix: str) -> Callable[[str, int], bool]:
-    # the positions that write the ending: position p predicts name[p], so name[p:] is what is still to be written
-    return lambda name, p: name.endswith(suffix) and p >= len(name) - len(suffix)
-
-
-# property -> (label of a character position, measure on generated names)
-CONCEPTS: dict[str, Callable[[str, int], bool]] = {
-    "hyphen": lambda name, p: name[p:].startswith("-"),
-    "space": lambda name, p: name[p:].startswith(" "),
-    "apostrophe": lambda name, p: name[p:].startswith("'"),
-    "saint": lambda name, p: name.startswith(("saint-", "sainte-")) and p <= 5,
-    "-ville": _ending("ville"),
-    "-court": _ending("court"),
-    "-y": _ending("y"),
-    "-ac": _ending("ac"),
-    "-heim": _ending("heim"),
-    "article": lambda name, p: name.startswith(("le ", "la ", "les ", "l'")) and p <= name.find(" ") + 1,
-    "-sur-": lambda name, p: p > 0 and name[p - 1 :].startswith("-sur-"),
-    "length": lambda name, p: p == len(name),  # the position that writes the end
+# property (a measure of `interp.steering.PROPERTIES`, or length) -> the concept-bank concepts (`interp.concepts`) that
+# spell it; a concept id that the bank does not have simply finds no feature. The features are whatever the
+# monosemanticity scores label with these concepts: no index is chosen by hand.
+PROPERTY_CONCEPTS: dict[str, tuple[str, ...]] = {
+    "hyphen": ("char=-", "prev=-", "boundary=after_separator"),
+    "space": ("char=␣", "prev=␣", "last2=a␣", "last2=e␣"),
+    "apostrophe": ("char='", "prev='", "word=l", "word=d"),
+    "saint": ("word=saint", "word=sainte", "last3=^sa", "last3=sai", "last3=ain", "last3=int", "last2=^s"),
+    "article": ("word=le", "word=la", "word=les", "last2=^l", "last3=^le", "last3=^la"),
+    "-sur-": ("word=sur", "last3=-su", "last3=sur", "last3=ur-"),
+    "-y": ("char=y", "suffix=-ay", "suffix=-ey", "suffix=-gny", "suffix=-igny", "suffix=-illy", "suffix=-ry"),
+    "-ac": ("suffix=-ac", "suffix=-ignac", "suffix=-nac", "suffix=-sac", "last2=ac"),
+    "-heim": ("suffix=-heim", "last3=eim", "last3=hei"),
+    "-ville": ("suffix=-ville", "suffix=-eville", "suffix=-nville", "suffix=-rville", "word=ville", "last3=vil"),
+    "-court": ("suffix=-court", "suffix=-ncourt", "last3=cou", "last3=our", "last3=urt"),
+    "-viller(s)": ("suffix=-willer", "suffix=-iller", "last3=wil", "last3=ler"),
+    "-bach": ("suffix=-bach", "suffix=-ach", "last3=bac", "last3=ach"),
+    "-ec": ("suffix=-ec", "last2=ec"),
+    "length": ("position=12-17", "position=18+"),
 }
 
 
@@ -125,76 +111,70 @@ def _rate(names: list[str], prop: str) -> float:
     return sum(map(PROPERTIES[prop], names)) / max(len(names), 1)
 
 
-@torch.no_grad()
-def concept_scores(model, tok, corpus, sae, n_names: int = 6000, seed: int = 0) -> dict[str, dict]:
-    """Per property: F1 of "feature fires" against the position labels, for every SAE feature, and the feature's mean
-    activation on the labelled positions. Positions are the characters (the SAE never reads <bos>)."""
-    from interp.steering import activations, sae_hook_name
+def concept_labels(model, corpus, sae, n_names: int, seed: int) -> tuple[list[dict], torch.Tensor]:
+    """The monosemanticity rows of the SAE's features (and the model's units) against the concept bank of a sample of
+    train names, and every feature's mean activation where it fires on that sample."""
+    from interp.monosemanticity import collect, monosemanticity
 
-    train = corpus.split_names("train")
+    train = corpus.split("train")
     gen = torch.Generator().manual_seed(seed)
-    names = [train[i] for i in torch.randperm(len(train), generator=gen)[:n_names].tolist()]
-    names.sort(key=len)
-    hook = sae_hook_name(sae)
-    fires, acts_all, labels = [], [], {k: [] for k in CONCEPTS}
-    for b0 in range(0, len(names), 512):
-        chunk = names[b0 : b0 + 512]
-        tokens = tok.batch(chunk, drop_unknown=True)[:, : model.cfg.n_ctx]
-        f = sae.encode(activations(model, tokens, hook))
-        for i, name in enumerate(chunk):
-            for p in range(1, min(len(name), model.cfg.n_ctx - 1) + 1):
-                for k, label in CONCEPTS.items():
-                    labels[k].append(label(name, p))
-            keep = torch.arange(1, min(len(name), model.cfg.n_ctx - 1) + 1)
-            acts_all.append(f[i, keep])
-    acts = torch.cat(acts_all)
-    fires = acts > 0
-    out = {}
-    for k, lab in labels.items():
-        y = torch.tensor(lab)
-        tp = (fires & y[:, None]).sum(0).float()
-        precision = tp / fires.sum(0).clamp(min=1)
-        recall = tp / y.sum().clamp(min=1)
-        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-9)
-        mean_on = torch.where(fires[y], acts[y], 0).sum(0) / fires[y].sum(0).clamp(min=1)
-        out[k] = {"f1": f1, "mean_on": mean_on, "support": int(y.sum())}
-    return out
+    pick = torch.randperm(len(train), generator=gen)[:n_names].tolist()
+    names, regions = [train[i].name for i in pick], [train[i].region for i in pick]
+    report = monosemanticity(model, sae, names, regions, controls=False)
+    hook = sae.cfg.metadata.hook_name
+    total, count = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+    with torch.no_grad():
+        for x in collect(model, names, [hook])[hook].split(8192):
+            f = sae.encode(x).float()
+            total += f.sum(0)
+            count += (f > 0).sum(0)
+    return report.rows, total / count.clamp(min=1)
 
 
-def catalogue(model, tok, corpus, sae, n: int, seed: int, quick: bool) -> list[dict]:
-    scores = concept_scores(model, tok, corpus, sae, n_names=2000 if quick else 6000, seed=seed)
+def catalogue(model, tok, corpus, sae, rows, mean_on, n: int, seed: int, quick: bool) -> list[dict]:
+    from interp.monosemanticity import units_for
+
     settings = SampleSettings(n=n, seed=seed)
     base = unsteered_baseline(model, tok, settings)
-    rows = []
-    for prop, sc in scores.items():
-        candidates = sc["f1"].argsort(descending=True)[: 1 if quick else 2].tolist()
+    out = []
+    for prop, concepts in PROPERTY_CONCEPTS.items():
+        labelled = sorted(
+            ((r["mono1"], r["index"], c) for c in concepts for r in units_for(rows, c)[:2]), reverse=True
+        )  # the best-scored features labelled with the property's concepts
+        candidates = list(dict.fromkeys((i, c) for _, i, c in labelled))[: 1 if quick else 2]
+        if not candidates:
+            log(f"catalogue {prop}: no feature is labelled with {', '.join(concepts)}")
+            continue
         best = None
-        for i in candidates:
-            typical = float(sc["mean_on"][i])
+        for i, concept in candidates:
+            typical = float(mean_on[i])
             # add: the feature's typical activation, everywhere; scale: amplify it where it already fires (endings
             # are decided late: amplifying in context works where adding everywhere writes the ending too early)
             edits = [Edit("add", typical), Edit("scale", 4.0)]
             if not quick:
-                edits += [Edit("add", 0.5 * typical), Edit("scale", 2.0)]
+                edits += [Edit("add", 2 * typical)]
             for edit in edits:
                 rep = effect_report(model, tok, corpus, feature_hooks(model, sae, {i: edit}), n=n, seed=seed, base=base)
                 before, after = _rate(rep.names_base, prop), _rate(rep.names_steered, prop)
                 within = rep.cost <= BUDGET and rep.novelty_steered >= MIN_NOVELTY
                 key = (within, abs(after - before) / (max(before, 0.02) if prop != "length" else 1.0))
                 if best is None or key > best[0]:
-                    best = (key, i, edit, rep, before, after)
-        _, i, edit, rep, before, after = best
-        ablated = effect_report(model, tok, corpus, feature_hooks(model, sae, {i: Edit("ablate", 0.0)}), n=n, seed=seed)
+                    best = (key, i, concept, edit, rep, before, after)
+        _, i, concept, edit, rep, before, after = best
+        ablated = effect_report(
+            model, tok, corpus, feature_hooks(model, sae, {i: Edit("ablate", 0.0)}), n=n, seed=seed, base=base
+        )
         abl = _rate(ablated.names_steered, prop)
         fmt = (lambda v: f"{v:.2f}") if prop == "length" else (lambda v: f"{v:.1%}")
         effect = (
             after - before if prop == "length" else 2 * math.asin(math.sqrt(after)) - 2 * math.asin(math.sqrt(before))
         )
-        rows.append(
+        label = next(r for r in rows if r["kind"] == "feature" and r["index"] == i)
+        out.append(
             {
                 "property": prop,
                 "feature": i,
-                "F1": f"{float(sc['f1'][i]):.2f}",
+                "label (Mono1)": f"{concept} ({label['mono1']:.2f})",
                 "steering": f"{edit.op} {edit.value:.2f}",
                 "unsteered": fmt(before),
                 "steered": fmt(after),
@@ -206,22 +186,11 @@ def catalogue(model, tok, corpus, sae, n: int, seed: int, quick: bool) -> list[d
                 "example": next((s for s in rep.names_steered if s not in rep.names_base), ""),
             }
         )
-        log(f"catalogue {prop}: feature {i} {fmt(before)} -> {fmt(after)} (cost {rep.cost:+.3f})")
-    return rows
+        log(f"catalogue {prop}: feature {i} ({concept}) {fmt(before)} -> {fmt(after)} (cost {rep.cost:+.3f})")
+    return out
 
 
 # --- regions ----------------------------------------------------------------------------------------------------------
-
-
-def _hooks_of(model) -> tuple[str, ...]:
-    last = model.cfg.n_layers - 1
-    return (
-        "blocks.0.hook_resid_pre",
-        *(f"blocks.{i}.hook_resid_pre" for i in range(1, model.cfg.n_layers)),
-        f"blocks.{last}.hook_resid_post",
-    )
-
-
 class Evaluator:
     def __init__(self, model, tok, corpus, clf, n: int, seed: int):
         self.model, self.tok, self.corpus, self.clf = model, tok, corpus, clf
@@ -244,14 +213,18 @@ def _best(points: list[dict]) -> dict | None:
     return max(ok, key=lambda p: p["success"]) if ok else None
 
 
-def region_steering(model, tok, corpus, sae, clf, region: str, n: int, seed: int, quick: bool) -> dict:
+def _short(hook: str) -> str:
+    return hook.replace("blocks.", "b").replace(".hook_", ".")  # b0.resid_pre is the embedding
+
+
+def region_steering(model, tok, corpus, sae, clf, labels, region: str, n: int, seed: int, quick: bool) -> dict:
     ev = Evaluator(model, tok, corpus, clf, n, seed)
-    hooks_at = _hooks_of(model)
+    hooks_at = rg.residual_hooks(model)
     sae_hook = sae.cfg.metadata.hook_name if sae is not None else None
-    sample = collect_region_sample(model, tok, corpus, region, sorted({*hooks_at, *([sae_hook] if sae_hook else [])}))
+    sample = rg.collect_region_sample(model, tok, corpus, region, sorted({*hooks_at, sae_hook} - {None}))
     base = {"success": ev.clf.share(ev.base.names, region), "cost": 0.0, "novelty": novelty(ev.base.names, corpus)}
     methods: list[dict] = []
-    alphas = (1.0, 4.0) if quick else (0.5, 1.0, 2.0, 4.0, 8.0)
+    alphas = (4.0, 16.0) if quick else (2.0, 4.0, 8.0, 16.0)
     wheres = {"all": None, "first 3": Where(first=3)}
 
     def sweep(name, hook, where_name, make, alphas=alphas):
@@ -260,43 +233,63 @@ def region_steering(model, tok, corpus, sae, clf, region: str, n: int, seed: int
             p = ev(make(a), region)
             points.append({"alpha": a, **p})
             log(f"  {region} {name} {hook} {where_name} a={a}: {p['success']:.1%} cost {p['cost']:+.3f}")
+            if p["cost"] > 2 * BUDGET:  # past the budget: stronger settings only cost more
+                break
         methods.append({"method": name, "hook": hook, "positions": where_name, "points": points})
 
-    for hook in hooks_at:
-        dm, pr = diff_of_means(sample, hook), probe_direction(sample, hook)
+    dirs = {h: (rg.diff_of_means(sample, h), rg.probe_direction(sample, h)) for h in hooks_at}
+    for hook_set in [[h] for h in hooks_at] + [list(hooks_at)]:
+        label = "+".join(_short(h) for h in hook_set) if len(hook_set) < len(hooks_at) else "all residuals"
         for wn, where in wheres.items():
-            sweep("diff-of-means add", hook, wn, lambda a, dm=dm, w=where: direction_steering(model, dm, "add", a, w))
-            if not quick:
+            for k, kind in enumerate(("diff-of-means", "probe")):
+                rds = [dirs[h][k] for h in hook_set]
+                sweep(
+                    f"{kind} add",
+                    label,
+                    wn,
+                    lambda a, rds=rds, w=where: [
+                        x for rd in rds for x in rg.direction_steering(model, rd, "add", a, w)
+                    ],
+                )
+            if not quick and len(hook_set) == 1:
+                rd = dirs[hook_set[0]][0]
                 sweep(
                     "diff-of-means clamp",
-                    hook,
+                    label,
                     wn,
-                    lambda a, dm=dm, w=where: direction_steering(model, dm, "clamp", a, w),
+                    lambda a, rd=rd, w=where: rg.direction_steering(model, rd, "clamp", a, w),
                 )
-            sweep("probe add", hook, wn, lambda a, pr=pr, w=where: direction_steering(model, pr, "add", a, w))
     if sae is not None:
-        feats = region_features(sample, sae, top=3)
+        feats = rg.region_features(sample, sae, top=rg.SAE_TOP, labels=labels)
         label = "SAE " + ",".join(str(f.index) for f in feats)
         for wn, where in wheres.items():
-            sweep(f"{label} add", sae_hook, wn, lambda a, w=where: feature_steering(model, sae, feats, "add", a, w))
-            sweep(f"{label} clamp", sae_hook, wn, lambda a, w=where: feature_steering(model, sae, feats, "clamp", a, w))
+            for mode in ("add", "clamp"):
+                sweep(
+                    f"{label} {mode}",
+                    _short(sae_hook),
+                    wn,
+                    lambda a, w=where, mode=mode: rg.feature_steering(model, sae, feats, mode, a, w),
+                    alphas=(1.0, 4.0) if quick else (1.0, 2.0, 4.0, 8.0),
+                )
     fit_hooks = hooks_at[:-1]  # the residual stream entering each block
-    fits = [("likelihood", 0.0, True), ("contrastive", FIT["contrast"], True), ("contrastive", FIT["contrast"], False)]
-    for kind, contrast, shared in fits[:1] + fits[1:2] if quick else fits:
+    fits = [("likelihood", 0.0, True), ("contrastive", rg.FIT["contrast"], True)]
+    if not quick:
+        fits.append(("contrastive", rg.FIT["contrast"], False))
+    for kind, contrast, shared in fits:
         t0 = time.perf_counter()
-        steps = 60 if quick else FIT["steps"]
-        fitted = fit_region_vectors(
-            model, tok, corpus, region, fit_hooks, first=FIT["first"], shared=shared, steps=steps, contrast=contrast
+        steps = 60 if quick else rg.FIT["steps"]
+        fitted = rg.fit_region_vectors(
+            model, tok, corpus, region, fit_hooks, first=rg.FIT["first"], shared=shared, steps=steps, contrast=contrast
         )
         name = f"fitted vectors, {kind}" + (f" b={contrast}" if contrast else "")
         log(f"  {name} fitted in {time.perf_counter() - t0:.0f}s: {fitted.history[-1] if fitted.history else ''}")
-        positions = f"first {FIT['first']}" + (" + shared" if shared else "")
+        positions = f"first {rg.FIT['first']}" + (" + shared" if shared else "")
         sweep(
             name,
-            "+".join(h.replace("blocks.", "b").replace(".hook_", ".") for h in fit_hooks),
+            "+".join(_short(h) for h in fit_hooks),
             positions,
             lambda a, f=fitted: f.hooks(model, a),
-            alphas=(1.0, 1.2) if quick else (0.75, 1.0, 1.1, 1.2, 1.3, 1.5),
+            alphas=(1.0, 1.2) if quick else (0.8, 1.0, 1.2, 1.5),
         )
     # reference, not steering: keep the unsteered samples the classifier assigns to the region
     many = unsteered_baseline(model, tok, SampleSettings(n=max(4 * n, 2000), seed=seed + 1))
@@ -317,7 +310,7 @@ def region_rows(result: dict) -> list[dict]:
             {
                 "region": result["region"],
                 "method": m["method"],
-                "hook": m["hook"].replace("blocks.", "b").replace(".hook_", "."),  # b0.resid_pre = embedding
+                "hook": m["hook"],
                 "positions": m["positions"],
                 "base": f"{result['base']['success']:.1%}",
                 f"best @cost<={BUDGET}": f"{best['success']:.1%} (a={best['alpha']:g})" if best else "-",
@@ -357,20 +350,26 @@ def main(argv: list[str] | None = None) -> int:
         f"val {summary['val_accuracy']:.1%} (naive Bayes {summary['val_accuracy_nb']:.1%})\n"
     )
 
+    labels = mean_on = None
+    if sae is not None:
+        t1 = time.perf_counter()
+        labels, mean_on = concept_labels(model, corpus, sae, 2000 if args.quick else 4000, args.seed)
+        log(f"concept labels (monosemanticity scores) in {time.perf_counter() - t1:.0f}s")
     if not args.skip_catalogue:
         if sae is None:
             print(f"## Catalogue: skipped (no SAE in {args.sae})\n")
         else:
-            cat = catalogue(model, tok, corpus, sae, args.n, args.seed, args.quick)
+            cat = catalogue(model, tok, corpus, sae, labels, mean_on, args.n, args.seed, args.quick)
             report["catalogue"] = cat
-            print(f"## Catalogue: SAE features of {args.sae.name} ({sae.cfg.metadata.hook_name}), chosen by concept F1")
+            hook = sae.cfg.metadata.hook_name
+            print(f"## Catalogue: SAE features of {args.sae.name} ({hook}), picked by their concept labels")
             print(format_table(cat, list(cat[0])))
             print("effect: Cohen's h of the property's rate (|h| 0.2 small, 0.5 medium, 0.8 large); length in chars\n")
 
     if not args.skip_regions:
         results = []
         for region in args.regions.split(","):
-            results.append(region_steering(model, tok, corpus, sae, clf, region, args.n, args.seed, args.quick))
+            results.append(region_steering(model, tok, corpus, sae, clf, labels, region, args.n, args.seed, args.quick))
         report["regions"] = results
         rows = [r for res in results for r in region_rows(res)]
         print(f"## Region steering: success at plausibility cost <= {BUDGET} nats/char and novelty >= 90%")

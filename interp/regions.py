@@ -373,10 +373,16 @@ class RegionFeature:
 
 @torch.no_grad()
 def region_features(
-    sample: RegionSample, sae: SAE, top: int = 5, min_frequency: float = 2e-3, hook_name: str | None = None
+    sample: RegionSample,
+    sae: SAE,
+    top: int = 5,
+    min_frequency: float = 2e-3,
+    hook_name: str | None = None,
+    labels: Sequence[dict] | None = None,
 ) -> list[RegionFeature]:
-    """The SAE features most associated with the region, by lift over the sample's positions. A stand-in for the
-    concept bank's region labels (plug those in here when they exist)."""
+    """The SAE features most associated with the region. With `labels` (the per-unit rows of
+    `interp.monosemanticity`, i.e. the concept bank's scores), the features whose name-level concept is the region,
+    best Mono1 first (then by lift when fewer than `top` have that label); without, by lift over the sample."""
     from interp.steering import sae_hook_name
 
     acts = sample.acts[sae_hook_name(sae, hook_name)]
@@ -387,8 +393,14 @@ def region_features(
     active_r = torch.where(f[reg] > 0, f[reg], 0).sum(0) / (f[reg] > 0).sum(0).clamp(min=1)
     lift = (mean_r + 1e-9) / (mean + 1e-9)
     lift[freq < min_frequency] = 0
-    order = lift.argsort(descending=True)[:top].tolist()
-    return [RegionFeature(i, float(lift[i]), float(active_r[i]), float(freq[i])) for i in order]
+    order = []
+    if labels is not None:
+        from interp.monosemanticity import units_for
+
+        order = [r["index"] for r in units_for(labels, f"region={sample.region}", level="name")]
+        order = [i for i in order if active_r[i] > 0]
+    order += [i for i in lift.argsort(descending=True).tolist() if i not in order]
+    return [RegionFeature(i, float(lift[i]), float(active_r[i]), float(freq[i])) for i in order[:top]]
 
 
 # --- fitted steering vectors ------------------------------------------------------------------------------------------
@@ -542,9 +554,29 @@ def feature_steering(
 
 
 DEFAULT_HOOK = "blocks.0.hook_resid_pre"
-DEFAULT_ALPHA = {"fitted": 1.2, "diff-of-means": 4.0, "probe": 4.0}
+METHODS = ("fitted", "diff-of-means", "probe", "sae-add", "sae-clamp")
+DEFAULT_ALPHA = {"fitted": 1.2, "diff-of-means": 4.0, "probe": 4.0, "sae-add": 4.0, "sae-clamp": 4.0}
 FIT = {"first": 5, "shared": True, "steps": 300, "contrast": 0.03}  # the fitted method as benchmarked
+SAE_TOP = 3  # region features steered together
 CLASSIFIER_CACHE = Path(__file__).resolve().parent.parent / "out" / "bench" / "region_classifier.safetensors"
+
+
+def residual_hooks(model: HookedTransformer) -> tuple[str, ...]:
+    """The residual stream entering each block (block 0's is the embedding) and the final one."""
+    last = model.cfg.n_layers - 1
+    return (*(f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)), f"blocks.{last}.hook_resid_post")
+
+
+def parse_hooks(model: HookedTransformer, text: str | Sequence[str] | None) -> list[str]:
+    """--hook: one hook, several separated by commas, or "all" (every residual stream of `residual_hooks`)."""
+    if text is None:
+        return [DEFAULT_HOOK]
+    names = [h.strip() for h in text.split(",")] if isinstance(text, str) else list(text)
+    if names == ["all"]:
+        return list(residual_hooks(model))
+    if not names or any(not h for h in names):
+        raise VillesError(f"--hook takes hook names separated by commas (or all), got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def region_steering_hooks(
@@ -553,31 +585,51 @@ def region_steering_hooks(
     corpus: Corpus,
     region: str,
     method: str = "fitted",
-    hook_name: str | None = None,
+    hook_name: str | Sequence[str] | None = None,
     alpha: float | None = None,
     where: Where | None = None,
+    sae: SAE | None = None,
+    labels: Sequence[dict] | None = None,
     progress: bool = False,
 ) -> list[Hook]:
-    """The CLI's region steering. fitted: vectors fitted to the region's names at the residual stream entering each
-    block (`where` does not apply: they have their own positions); diff-of-means, probe: a direction at `hook_name`,
-    added with strength alpha."""
-    from interp.steering import check_finite
+    """The CLI's region steering, one of METHODS:
+    - fitted: vectors fitted to the region's names at the residual stream entering each block (`where` and
+      `hook_name` do not apply: they have their own positions);
+    - diff-of-means, probe: a direction at each hook of `hook_name` (one, a list, or "all"), added with strength alpha;
+    - sae-add, sae-clamp: the SAE's SAE_TOP features most associated with the region (from the concept bank's rows
+      `labels` when given, else by lift), alpha × their typical activation added, or clamped to it."""
+    from interp.steering import check_finite, hook_shape
 
     check_region(corpus, region)
-    if method not in DEFAULT_ALPHA:
-        raise VillesError(f"unknown region steering method {method!r}: choose one of {', '.join(DEFAULT_ALPHA)}")
+    if method not in METHODS:
+        raise VillesError(f"unknown region steering method {method!r}: choose one of {', '.join(METHODS)}")
     alpha = DEFAULT_ALPHA[method] if alpha is None else check_finite(alpha, "--alpha")
     if method == "fitted":
         if where is not None or hook_name is not None:
             raise VillesError(
                 "--method fitted chooses its own hooks and positions: drop --hook/--first/--positions/--after"
             )
-        hooks = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+        hooks = list(residual_hooks(model)[:-1])
         return fit_region_vectors(model, tokenizer, corpus, region, hooks, **FIT, progress=progress).hooks(model, alpha)
-    hook_name = hook_name or DEFAULT_HOOK
-    sample = collect_region_sample(model, tokenizer, corpus, region, [hook_name])
-    rd = diff_of_means(sample, hook_name) if method == "diff-of-means" else probe_direction(sample, hook_name)
-    return direction_steering(model, rd, "add", alpha, where)
+    if method.startswith("sae-"):
+        if sae is None:
+            raise VillesError(f"--method {method} needs an SAE (--sae DIR)")
+        if hook_name is not None:
+            raise VillesError(f"--method {method} steers at the SAE's own hook: drop --hook")
+        from interp.steering import sae_hook_name
+
+        sample = collect_region_sample(model, tokenizer, corpus, region, [sae_hook_name(sae)])
+        feats = region_features(sample, sae, top=SAE_TOP, labels=labels)
+        return feature_steering(model, sae, feats, method.removeprefix("sae-"), alpha, where)
+    hook_names = parse_hooks(model, hook_name)
+    for h in hook_names:
+        hook_shape(model, h)
+    sample = collect_region_sample(model, tokenizer, corpus, region, hook_names)
+    out: list[Hook] = []
+    for h in hook_names:
+        rd = diff_of_means(sample, h) if method == "diff-of-means" else probe_direction(sample, h)
+        out += direction_steering(model, rd, "add", alpha, where)
+    return out
 
 
 def cached_classifier(corpus: Corpus) -> RegionClassifier:

@@ -693,11 +693,17 @@ def add_steer_parser(subparsers) -> None:
     p.add_argument(
         "--method",
         default="fitted",
-        choices=["fitted", "diff-of-means", "probe"],
-        help="region steering: fitted vectors (contrastive, the best measured), or a direction at --hook",
+        choices=["fitted", "diff-of-means", "probe", "sae-add", "sae-clamp"],
+        help="region steering: fitted vectors (the best measured), a direction at each --hook, or the SAE's region "
+        "features added/clamped",
     )
     p.add_argument("--alpha", type=float, default=None, help="region steering strength (default: the method's)")
-    p.add_argument("--hook", default=None, help="hook of a region direction (default blocks.0.hook_resid_pre)")
+    p.add_argument(
+        "--hook", default=None, help="region direction hook(s), comma-separated, or all (default: the embedding)"
+    )
+    p.add_argument(
+        "--labels", type=Path, default=None, help="monosemanticity folder: region features from its concept labels"
+    )
     p.add_argument("--first", type=int, default=None, help="steer only positions < FIRST (0 is <bos>)")
     p.add_argument("--positions", default=None, help="steer only these positions, e.g. 0,1,2")
     p.add_argument("--after", default=None, help="steer only the letter right after one of these characters")
@@ -748,8 +754,15 @@ def cmd_steer(args) -> int:
     if config["kind"] != "transformer":
         raise VillesError(f"{checkpoint} holds a {config['kind']} model: steering needs the transformer")
     hooks: list[Hook] = []
-    if edits:
+    sae = None
+    if edits or (args.region is not None and args.method.startswith("sae-")):
         sae = load_sae_folder(args.sae or DEFAULT_CHECKPOINTS["transformer"].parent / "sae")
+    labels = None
+    if args.labels is not None:
+        from interp.monosemanticity import read_rows
+
+        labels = read_rows(args.labels)
+    if edits:
         if any(e == "mean" for e in edits.values()):
             tokens = tokenizer.batch(corpus.split_names("val"), drop_unknown=True)
             means = feature_means(model, sae, tokens)
@@ -760,8 +773,9 @@ def cmd_steer(args) -> int:
         from interp.regions import cached_classifier, region_steering_hooks
 
         hooks += region_steering_hooks(
-            model, tokenizer, corpus, args.region, args.method, args.hook, args.alpha, where, progress=not args.json
-        )
+            model, tokenizer, corpus, args.region, args.method, args.hook, args.alpha, where, sae, labels,
+            progress=not args.json,
+        )  # fmt: skip
         clf = cached_classifier(corpus)
         extra = {f"region: {args.region}": lambda names: clf.is_region(names, args.region)}
     report = effect_report(

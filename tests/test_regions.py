@@ -19,6 +19,7 @@ from interp.regions import (
     recall_table,
     region_features,
     region_steering_hooks,
+    residual_hooks,
 )
 from training.data import Corpus
 from training.errors import VillesError
@@ -83,6 +84,18 @@ def test_unknown_region(corpus, model):
         region_steering_hooks(m, tok, corpus, "")
     with pytest.raises(VillesError, match="unknown region steering method"):
         region_steering_hooks(m, tok, corpus, "Bretagne", method="magic")
+    with pytest.raises(VillesError, match="needs an SAE"):
+        region_steering_hooks(m, tok, corpus, "Bretagne", method="sae-add")
+    with pytest.raises(VillesError, match="unknown hook"):
+        region_steering_hooks(m, tok, corpus, "Bretagne", method="probe", hook_name="blocks.7.hook_resid_pre")
+
+
+def test_region_steering_at_several_hooks(corpus, model):
+    m, tok = model
+    hooks = region_steering_hooks(m, tok, corpus, "Bretagne", "diff-of-means", "all", alpha=2.0)
+    assert [h for h, _ in hooks] == list(residual_hooks(m))
+    tokens = tok.batch(["abbaye", "saint-denis"], drop_unknown=True)
+    assert (m.run_with_hooks(tokens, fwd_hooks=hooks) - m(tokens)).abs().max() > 1e-4
 
 
 def test_region_directions_and_features(corpus, model):
@@ -108,6 +121,15 @@ def test_region_directions_and_features(corpus, model):
     sae = TopKSAE(TopKSAEConfig(d_in=16, d_sae=32, k=4, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
     feats = region_features(sample, sae, top=3, min_frequency=0.0)
     assert len(feats) == 3 and feats[0].lift >= feats[1].lift >= feats[2].lift
+    # with concept labels (monosemanticity rows), the features labelled with the region come first, best Mono1 first
+    f = sae.encode(sample.acts["blocks.0.hook_resid_post"])
+    live = [int(i) for i in (f > 0).any(0).nonzero().flatten()[:2]]
+    rows = [
+        {"kind": "feature", "index": i, "flags": "", "name_concept": "region=Bretagne", "name_mono1": m}
+        for i, m in zip(live, (0.2, 0.4), strict=True)
+    ] + [{"kind": "feature", "index": 0, "flags": "", "name_concept": "region=Corse", "name_mono1": 0.9}]
+    labelled = region_features(sample, sae, top=3, min_frequency=0.0, labels=rows)
+    assert [x.index for x in labelled[:2]] == live[::-1] and labelled[2].index == feats[0].index
     for mode in ("add", "clamp"):
         steered = m.run_with_hooks(tokens, fwd_hooks=feature_steering(m, sae, feats, mode, 2.0))
         assert torch.isfinite(steered).all()

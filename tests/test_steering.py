@@ -65,6 +65,17 @@ def _logits(model, tokens, hooks=()):
         return model.run_with_hooks(tokens, fwd_hooks=list(hooks)) if hooks else model(tokens)
 
 
+def _at_hook(model, tokens, hooks=()):
+    """The activation at HOOK once the given hooks have run (they come first in the list)."""
+    seen = []
+
+    def grab(x, hook):
+        seen.append(x.detach().clone())
+
+    _logits(model, tokens, [*hooks, (HOOK, grab)])
+    return seen[0]
+
+
 def _features(model, sae, tokens):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=HOOK)
@@ -104,21 +115,13 @@ def test_error_preservation_reproduces_clean_logits(model, tokens):
 def test_steering_changes_the_activation_by_the_decoder_direction(model, tokens):
     m, _ = model
     sae = _sae("topk")
-    seen = {}
-
-    def grab(key):
-        def fn(x, hook):
-            seen[key] = x.detach().clone()
-
-        return fn
-
-    _logits(m, tokens, [(HOOK, grab("clean"))])
-    _logits(m, tokens, add_feature(m, sae, 7, 2.5) + [(HOOK, grab("steered"))])
-    torch.testing.assert_close(seen["steered"] - seen["clean"], (2.5 * sae.W_dec[7]).expand_as(seen["clean"]))
+    clean = _at_hook(m, tokens)
+    added = _at_hook(m, tokens, add_feature(m, sae, 7, 2.5))
+    torch.testing.assert_close(added - clean, (2.5 * sae.W_dec[7]).expand_as(clean))
     # clamp moves the activation along the decoder direction by (value - current activation)
-    _logits(m, tokens, clamp_feature(m, sae, 7, 4.0) + [(HOOK, grab("clamped"))])
-    f7 = sae.encode(seen["clean"])[..., 7]
-    torch.testing.assert_close(seen["clamped"] - seen["clean"], (4.0 - f7)[..., None] * sae.W_dec[7])
+    clamped = _at_hook(m, tokens, clamp_feature(m, sae, 7, 4.0))
+    f7 = sae.encode(clean)[..., 7]
+    torch.testing.assert_close(clamped - clean, (4.0 - f7)[..., None] * sae.W_dec[7])
 
 
 def test_hooks_compose(model, tokens):
@@ -145,13 +148,8 @@ def test_hooks_compose(model, tokens):
 def test_clamp_direction_sets_the_coordinate(model, tokens):
     m, _ = model
     d = torch.randn(16)
-    seen = {}
-
-    def grab(x, hook):
-        seen["x"] = x.detach()
-
-    _logits(m, tokens, clamp_direction(m, HOOK, d, 0.7) + [(HOOK, grab)])
-    torch.testing.assert_close(seen["x"] @ d / (d @ d), torch.full(tokens.shape, 0.7), atol=1e-5, rtol=0)
+    x = _at_hook(m, tokens, clamp_direction(m, HOOK, d, 0.7))
+    torch.testing.assert_close(x @ d / (d @ d), torch.full(tokens.shape, 0.7), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -162,17 +160,8 @@ def test_clamp_direction_sets_the_coordinate(model, tokens):
 def test_position_masks_in_a_full_forward(model, tokens, where):
     m, tok = model
     sae = _sae("topk")
-    seen = {}
-
-    def grab(key):
-        def fn(x, hook):
-            seen[key] = x.detach().clone()
-
-        return fn
-
-    _logits(m, tokens, [(HOOK, grab("clean"))])
-    _logits(m, tokens, add_feature(m, sae, 7, 3.0, where=where) + [(HOOK, grab("steered"))])
-    changed = (seen["steered"] - seen["clean"]).abs().amax(-1) > 1e-6
+    delta = _at_hook(m, tokens, add_feature(m, sae, 7, 3.0, where=where)) - _at_hook(m, tokens)
+    changed = delta.abs().amax(-1) > 1e-6
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     expected = torch.ones_like(changed)
     if where.first is not None:
@@ -185,7 +174,6 @@ def test_position_masks_in_a_full_forward(model, tokens, where):
     first_steered = int(pos[expected].min()) if expected.any() else tokens.shape[1]
     assert not changed[:, :first_steered].any()
     assert changed[expected].all()
-    delta = seen["steered"] - seen["clean"]
     torch.testing.assert_close(delta[expected], (3.0 * sae.W_dec[7]).expand_as(delta[expected]))
 
 
