@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint notebooks bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) notebooks
+
+# every walkthrough notebook, executed top to bottom (nbmake; a cell that runs past 120 s fails)
+notebooks: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=120 notebooks
 
 bench: install
 	$(BIN)/python bench/ladder.py
