@@ -222,6 +222,29 @@ def test_every_architecture_trains_and_loads(arch, model, tiny_corpus, tmp_path)
     assert metrics["explained_variance"] > 0 and metrics["loss_recovered"] > 0 and speed["train_tokens"] > 0
 
 
+def test_topk_gather_decode_matches_saelens_dense_decode():
+    """The training-time gather decode gives SAELens's dense decode, and the same gradients."""
+    from sae_lens.saes import TopKTrainingSAE
+
+    from training.sae import build_training_sae
+
+    settings = SAESettings(d_sae=48, k=3, tokens=4096, batch_size=256)
+    fast = build_training_sae(settings, 16)
+    plain = TopKTrainingSAE(fast.cfg)
+    plain.load_state_dict(fast.state_dict())
+    with torch.no_grad():  # a non-zero decoder bias, so the test sees it added exactly once
+        for sae in (fast, plain):
+            sae.b_dec.copy_(torch.linspace(-1, 1, 16))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    outs = [sae.decode(sae.encode(x)) for sae in (fast, plain)]
+    assert fast.activation_fn.kept[0] is not None and plain.W_dec.grad is None  # the gather path ran
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for out in outs:
+        (out**2).sum().backward()
+    for name in ("W_dec", "W_enc", "b_enc", "b_dec"):
+        assert torch.allclose(getattr(fast, name).grad, getattr(plain, name).grad, rtol=1e-4, atol=1e-4), name
+
+
 def test_training_is_seeded():
     x = torch.randn(4096, 8) @ torch.randn(8, 8)
     settings = SAESettings(d_sae=16, k=2, tokens=20_000, batch_size=512, seed=3)

@@ -10,8 +10,8 @@ interp modules to use too.
 
 Speed. The train split's activations are cached once (≈ 300k vectors: a few hundred MB at most) and SAELens's own
 `SAETrainer` draws shuffled batches from that cache, so training runs at memory speed instead of SAELens's
-streaming path (≈ 3,000 tokens/s here). TopK trains with SAELens's sparse activations (its sparse decoder matmul,
-which needs `rescale_acts_by_decoder_norm=False`): about twice the speed of the dense path on this CPU.
+streaming path (≈ 3,000 tokens/s here). TopK decodes, during training only, with one gather-sum of the k kept
+decoder rows (`_GatherTopKTrainingSAE`); the shipped weights are SAELens's plain TopK SAE.
 
 Folder (`train_sae_to_folder`):
     cfg.json, sae_weights.safetensors   SAELens's inference folder: `sae_lens.SAE.load_from_disk(DIR)` loads it as is.
@@ -21,6 +21,7 @@ Folder (`train_sae_to_folder`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -51,8 +53,8 @@ K_ARCHS = ("topk", "batchtopk", "jumprelu")  # jumprelu reads k as its target L0
 L1_ARCHS = ("standard", "jumprelu")  # jumprelu reads l1 as its L0 coefficient
 DEFAULT_K = 8.0
 DEFAULT_L1 = 2.0  # standard
-# SAELens's sparse decoder matmul: about twice the dense path's speed here; it cannot rescale by decoder norms
-TOPK = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
+# dense activations (the gather decode below replaces SAELens's dense or COO-sparse decoder matmul while training)
+TOPK = {"use_sparse_activations": False, "rescale_acts_by_decoder_norm": False}
 # JumpReLU at this scale (inputs of mean norm sqrt(d_in)): SAELens's defaults (threshold 0.01, bandwidth 0.05) leave
 # the threshold's gradient window so narrow that L0 never comes down to its target; these came from a short search
 # on a 2-layer d_model 128 model (pre_act_loss is Anthropic's push on dead latents, applied to dead ones only).
@@ -199,6 +201,46 @@ def cached_batches(
             yield acts[perm[start : start + batch_size]]
 
 
+@functools.cache
+def _gather_topk_sae_class() -> type:
+    """SAELens's TopK training SAE, decoding with one gather-sum of the k kept decoder rows.
+
+    Written by hand because SAELens offers only two decoders while training: the dense `acts @ W_dec` (a
+    batch × d_sae × d_in matmul forward and two more backward, mostly multiplying zeros) and a COO sparse matmul
+    whose sorting and coalescing cost more than they save at these widths. `F.embedding_bag` with per-sample weights
+    is the standard sparse gather-sum kernel and differentiates in both the weights and the decoder rows. The
+    activation still returns SAELens's dense activations (the trainer's L0 and dead-latent statistics read them);
+    the saved model is SAELens's plain `TopKSAE`, since only the training-time decode path differs.
+    """
+    from sae_lens.saes import TopKTrainingSAE
+    from sae_lens.saes.topk_sae import TopK
+
+    class KeptTopK(TopK):
+        kept: tuple[Tensor, Tensor, Tensor] | None = None  # (dense acts, values, indices) of the last call
+
+        def forward(self, x: Tensor) -> Tensor:
+            values, indices = torch.topk(x, k=self.k, dim=-1, sorted=False)
+            values = values.relu()
+            dense = torch.zeros_like(x).scatter_(-1, indices, values)
+            self.kept = (dense, values, indices)
+            return dense
+
+    class GatherTopKTrainingSAE(TopKTrainingSAE):
+        def get_activation_fn(self):
+            return KeptTopK(self.cfg.k)
+
+        def decode(self, feature_acts: Tensor) -> Tensor:
+            kept = self.activation_fn.kept
+            if kept is None or kept[0] is not feature_acts or feature_acts.ndim != 2:
+                return super().decode(feature_acts)  # acts that did not come from the last encode: the plain path
+            _, values, indices = kept
+            out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+            out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(out))
+            return self.reshape_fn_out(out, self.d_head)
+
+    return GatherTopKTrainingSAE
+
+
 def build_training_sae(settings: SAESettings, d_in: int, metadata: dict[str, Any] | None = None) -> TrainingSAE:
     """A fresh SAELens TrainingSAE of the settings' architecture (seeded)."""
     from sae_lens.saes import (
@@ -208,7 +250,6 @@ def build_training_sae(settings: SAESettings, d_in: int, metadata: dict[str, Any
         JumpReLUTrainingSAEConfig,
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
-        TopKTrainingSAE,
         TopKTrainingSAEConfig,
     )
     from sae_lens.saes.sae import SAEMetadata
@@ -225,7 +266,7 @@ def build_training_sae(settings: SAESettings, d_in: int, metadata: dict[str, Any
     warm = max(1, steps // 20)  # sparsity penalties ramp up over the first 5% of steps
     torch.manual_seed(settings.seed)
     if settings.arch == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(**common, **TOPK, k=int(settings.sparsity_k())))
+        return _gather_topk_sae_class()(TopKTrainingSAEConfig(**common, **TOPK, k=int(settings.sparsity_k())))
     if settings.arch == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=settings.sparsity_k()))
     if settings.arch == "standard":
@@ -248,9 +289,7 @@ def build_training_sae(settings: SAESettings, d_in: int, metadata: dict[str, Any
 @contextmanager
 def _quiet_trainer(progress: bool):
     """SAETrainer.fit and its norm estimate open tqdm bars with no switch: to silence them when asked, swap the name
-    those modules look up. SAELens's sparse TopK path warns on every batch that it skips sparse-invariant checks."""
-    import warnings
-
+    those modules look up."""
     from sae_lens.training import activation_scaler, sae_trainer
 
     modules = (sae_trainer, activation_scaler)
@@ -259,9 +298,7 @@ def _quiet_trainer(progress: bool):
         for m, original in zip(modules, originals, strict=True):
             m.tqdm = lambda *a, _bar=original, **k: _bar(*a, **{**k, "disable": True})
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse invariant checks")
-            yield
+        yield
     finally:
         for m, original in zip(modules, originals, strict=True):
             m.tqdm = original
