@@ -66,6 +66,7 @@ from torch import Tensor
 
 from training.errors import VillesError
 from training.lm import log_probs
+from training.sae import char_tokenizer
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, CharTokenizer
 
 if TYPE_CHECKING:
@@ -216,14 +217,10 @@ def _check_widths(model: HookedTransformer, specs: list[SAESpec]) -> None:
 
 def model_tokenizer(model: HookedTransformer) -> CharTokenizer:
     """The CharTokenizer behind a villes model's Hugging Face tokenizer (same ids, checked)."""
-    hf = getattr(model, "tokenizer", None)
-    if hf is None:
-        raise VillesError("the model has no tokenizer attached: pass tokenizer=, or load it with training.load_model")
-    vocab = hf.get_vocab()
-    tok = CharTokenizer(s for s in vocab if s not in SPECIALS)
-    if tok.stoi != vocab:
-        raise VillesError("the model's tokenizer is not a villes character tokenizer: pass tokenizer=")
-    return tok
+    try:
+        return char_tokenizer(model)
+    except VillesError as e:
+        raise VillesError(f"{e} (or pass tokenizer=)") from None
 
 
 @contextmanager
