@@ -33,7 +33,10 @@ unit's activation at every character. Samples keep the names with the smallest k
 from __future__ import annotations
 
 import math
+import os
+import queue
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -98,6 +101,41 @@ class UnitSet:
         m = _BLOCK.match(self.hook)
         return int(m.group(1)) if m else None
 
+    def read_sparse(self, act: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n units"], tuple | None]:
+        """`read`, plus the non-zero entries (rows, cols, values) where they come cheaply: for every latent of a TopK
+        SAE, straight from its encoder's top k (scanning 2,048 dense codes per character for non-zeros took a fifth
+        of the whole pass). Checked once against `sae.encode` on the first batch; any other SAE, or a mismatch,
+        reads the usual way (None: the caller finds the non-zeros itself)."""
+        if getattr(self, "_topk", None) is not False and self._all and self.sae is not None:
+            try:
+                out = self._read_topk(act)
+                if getattr(self, "_topk", None) is None:
+                    ok = out is not None and torch.allclose(out[0], self.read(act), rtol=1e-5, atol=1e-5)
+                    self._topk = bool(ok)
+                    if not ok:
+                        out = None
+            except Exception:  # an SAE variant this shortcut does not know: the ordinary encode serves
+                self._topk, out = False, None
+            if out is not None:
+                return out
+        return self.read(act), None
+
+    def _read_topk(self, act: Float[Tensor, "n d"]):
+        from sae_lens import TopKSAE
+
+        sae = self.sae
+        if not isinstance(sae, TopKSAE) or getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            self._topk = False
+            return None
+        with torch.no_grad():
+            pre = torch.addmm(sae.b_enc, sae.process_sae_in(act), sae.W_enc)
+            vals, cols = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+            vals = vals.relu_()
+            dense = pre.zero_().scatter_(-1, cols, vals).float()
+            keep = vals > 0
+            rows = torch.arange(len(act))[:, None].expand_as(cols)[keep]
+            return dense, (rows, cols[keep], vals[keep].float())
+
     def read(self, act: Float[Tensor, "n d"]) -> Float[Tensor, "n units"]:
         """The units' activations from the hook's vectors."""
         if self.sae is not None:
@@ -148,7 +186,9 @@ class UnitEdit:
 
     Features are edited in the SAE's code and the change decoded back (x + decode(f') - decode(f)), so the SAE's
     reconstruction error stays in the residual stream: only the unit's own contribution moves. Neurons and directions
-    are set in place. `rows` lets a caller that drops finished rows from its batch (a sampler) say which are live."""
+    are set in place. `rows` lets a caller that drops finished rows from its batch (a sampler) say which are live.
+    `current`, where the caller knows it (the store keeps each example's activations), is the unit's clean value at
+    each edited position: with an affine decoder a feature's edit is then one vector per position, no SAE encoding."""
 
     def __init__(
         self,
@@ -156,8 +196,10 @@ class UnitEdit:
         units: Int[Tensor, " rows"],
         values: Float[Tensor, " rows"],
         positions: Bool[Tensor, "rows pos"] | None = None,
+        current: Float[Tensor, "rows pos"] | None = None,
     ):
         self.s, self.units, self.values, self.positions = unit_set, units, values.float(), positions
+        self.current = current
         self.rows: Tensor | None = None
 
     def __call__(self, x: Float[Tensor, "rows pos d"], hook=None) -> Float[Tensor, "rows pos d"]:
@@ -169,12 +211,16 @@ class UnitEdit:
         mask = pos[:, :P] if pos is not None else torch.ones(R, P, dtype=torch.bool)
         col = self.s.indices[units][:, None, None].expand(R, P, 1)
         if self.s.kind == "feature":
+            dirs = self.s.decoder_directions()
+            if dirs is not None and self.current is not None:
+                cur = (self.current if self.rows is None else self.current[self.rows])[:, :P].float()
+                new = torch.where(mask, values[:, None], cur)
+                return x + ((new - cur)[..., None] * dirs[self.s.indices[units]][:, None, :]).to(x.dtype)
             sae = self.s.sae
             f = sae.encode(x.to(sae.dtype))
             f = f.to_dense() if f.is_sparse else f
             cur = f.gather(-1, col).squeeze(-1)
             new = torch.where(mask, values[:, None].to(f.dtype), cur)
-            dirs = self.s.decoder_directions()
             if dirs is not None:  # affine decoder: only the unit's own direction moves
                 return x + ((new - cur)[..., None] * dirs[self.s.indices[units]][:, None, :]).to(x.dtype)
             f2 = f.scatter(-1, col, new[..., None])
@@ -268,6 +314,8 @@ class ActBatch:
     neurons: Float[Tensor, "n neurons"] | None  # every MLP neuron, all layers, for correlations
     neuron_sum: Tensor | None = None  # their column sums and sums of squares, filled once per batch by `collect`
     neuron_sumsq: Tensor | None = None
+    nonzero: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # (rows, cols, values) per set,
+    # where the read gave them (TopK SAEs); any other set's are found from `acts`
 
 
 class Collector:
@@ -336,6 +384,7 @@ class Collector:
         lengths = mask.sum(1)
         flat = {h: store[h][mask] for h in self.hooks}  # one gather per hook, shared by the sets reading it
         neurons = torch.cat([flat[h] for h in self.neuron_hooks], 1).float() if self.neuron_hooks else None
+        reads = {s.id: s.read_sparse(flat[s.hook]) for s in self.unit_sets}
         return ActBatch(
             index=bi,
             names=idx,
@@ -347,8 +396,9 @@ class Collector:
             prev=tokens[rows, t - 1],
             pos=t,
             region=self.name_region[idx][rows],
-            acts={s.id: s.read(flat[s.hook]) for s in self.unit_sets},
+            acts={sid: read[0] for sid, read in reads.items()},
             neurons=neurons,
+            nonzero={sid: read[1] for sid, read in reads.items() if read[1] is not None},
         )
 
 
@@ -384,8 +434,11 @@ class _Reservoir:
         return self.key[:, -1]
 
     def add(self, gid: Tensor, key: Tensor, name: Tensor, vec: Tensor) -> None:
-        """Buffer candidates (vectors already gathered); merged by `flush`, here once FLUSH_AT are waiting."""
+        """Buffer candidates (vectors already gathered, as wide as their batch's longest name: padded with zeros to
+        the full length at the merge); merged by `flush`, here once FLUSH_AT are waiting."""
         if len(gid):
+            if vec.shape[-1] < self.vec.shape[-1]:
+                vec = torch.nn.functional.pad(vec, (0, self.vec.shape[-1] - vec.shape[-1]))
             self._pending.append((gid, key.double(), name, vec))
             self._n_pending += len(gid)
             if self._n_pending >= self.FLUSH_AT:
@@ -453,7 +506,8 @@ def _offer_pairs(
     """Offer (name j of the batch, unit u) pairs in groups gid; only those that could enter are kept."""
     ok = key < res.threshold()[gid]  # after the first batches, few pass: gathering their vectors now is cheap
     gid, key, j, u = gid[ok], key[ok], j[ok], u[ok]
-    res.add(gid, key, b.names[j], gather_rows(acts, b.starts[j], b.lengths[j], u, res.vec.shape[-1]))
+    width = min(b.tokens.shape[1], res.vec.shape[-1])  # the batch's longest name fits (<bos>, <eos> to spare)
+    res.add(gid, key, b.names[j], gather_rows(acts, b.starts[j], b.lengths[j], u, width))
 
 
 _P = 2_147_483_647  # 2^31 - 1
@@ -718,7 +772,10 @@ class _Accumulator:
         sparse = self.s.kind == "feature" if sparse is None else sparse
         low = None
         if sparse:  # (name, unit) pairs where the unit fires, with the name's peak: no dense [names, units] work
-            nz = a.nonzero(as_tuple=True)
+            nz = b.nonzero.get(self.s.id)  # (rows, cols, values)
+            if nz is None:
+                r, c = a.nonzero(as_tuple=True)
+                nz = (r, c, a[r, c])
             j, u, peak = self._groups_sparse(b, a, nz)
             batch_max = torch.zeros(U).scatter_reduce_(0, u, peak, "amax")
         else:
@@ -769,8 +826,7 @@ class _Accumulator:
         """The same sums from the non-zero entries only (an SAE's codes are mostly zeros); returns the (name, unit)
         pairs where the unit fires, with the name's peak."""
         st, U = self.st, a.shape[1]
-        r, c = nz
-        v = a[r, c]
+        r, c, v = nz
         act = (v > 0).float()
         for g in GROUPINGS:
             flat = getattr(b, g)[r] * U + c
@@ -811,8 +867,7 @@ class _Accumulator:
         U = a.shape[1]
         sp = torch.where(st.range_pos > 0, B / st.range_pos.clamp(min=1e-30), torch.zeros_like(st.range_pos))
         if nz is not None:  # features: the non-zero values
-            r, c = nz
-            v = a[r, c]
+            _, c, v = nz
             pos = v > 0
             c, v = c[pos], v[pos]
             bins = (v * sp[c]).long().clamp_(max=B - 1)
@@ -839,8 +894,7 @@ class _Accumulator:
         as the forward pass)."""
         c, y = self.st.corr, b.neurons
         if nz is not None:
-            r, col = nz
-            v = a[r, col]
+            r, col, v = nz
             m = torch.sparse_coo_tensor(torch.stack([col, r]), v, (a.shape[1], len(a)), check_invariants=False)
             c["xy"] += torch.sparse.mm(m, y)
             c["x"].index_add_(0, col, v)
@@ -864,24 +918,39 @@ def collect(
     settings: StoreSettings = StoreSettings(),
     tokenizer: CharTokenizer | None = None,
     progress: bool = True,
+    pipeline: bool | None = None,
 ) -> ActivationStore:
-    """One pass of a `Collector` over `names` -> an ActivationStore (see the module docstring)."""
+    """One pass of a `Collector` over `names` -> an ActivationStore (see the module docstring). With `pipeline` (the
+    default where there is more than one core) the forward passes run in a background thread, a batch or two ahead
+    of the statistics (`prefetch`); the batches and so the store are the same either way."""
     settings.validate()
     col = Collector(model, unit_sets, names, regions, tokenizer, settings.batch_size)
     accs = [
         _Accumulator(s, model.cfg.d_vocab, model.cfg.n_ctx, len(col.region_names), col.max_len, settings, col.n_neurons)
         for s in col.unit_sets
     ]
+
+    def batches() -> Iterator[ActBatch]:
+        for b in col:
+            if b.neurons is not None:  # shared by every set's correlations
+                b.neuron_sum, b.neuron_sumsq = b.neurons.sum(0), (b.neurons * b.neurons).sum(0)
+            yield b
+
+    if pipeline is None:
+        pipeline = (os.cpu_count() or 1) > 1
+    threads = torch.get_num_threads()
     was_training = model.training
     model.eval()
     try:
-        for b in tqdm(col, total=len(col), desc="activations", disable=not progress, dynamic_ncols=True):
-            if b.neurons is not None:  # shared by every set's correlations
-                b.neuron_sum, b.neuron_sumsq = b.neurons.sum(0), (b.neurons * b.neurons).sum(0)
+        if pipeline:  # two threads of work: intra-op threads beyond the cores would only spin
+            torch.set_num_threads(max(1, threads // 2))
+        stream = prefetch(batches()) if pipeline else batches()
+        for b in tqdm(stream, total=len(col), desc="activations", disable=not progress, dynamic_ncols=True):
             for acc in accs:
                 acc.update(b)
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads)
     for acc in accs:
         acc.finish()
     for acc in accs:  # a NaN or an infinity anywhere reaches the sums: one cheap check at the end
@@ -896,6 +965,47 @@ def collect(
         settings,
         col.n_neurons,
     )
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """The items of an iterator, produced in a background thread up to `depth` ahead and yielded in order: a batch's
+    forward pass overlaps the statistics of the one before (torch releases the GIL inside its kernels). An error in
+    the producer is raised here; closing this generator early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put((None, x)):
+                    return
+            put((None, end))
+        except BaseException as e:  # re-raised in the consumer
+            put((e, None))
+
+    worker = threading.Thread(target=work, name="villes-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            err, x = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+        worker.join()
 
 
 def pearson(corr: dict[str, Tensor]) -> Float[Tensor, "units neurons"]:

@@ -137,14 +137,14 @@ def ablation_effects(
     s = st.unit_set
     U, V = len(s), model.cfg.d_vocab
     keep_v = _predictable(V)
-    rows = []  # (unit, name index, peak character, peak value)
+    rows = []  # (unit, name index, peak character, peak value, slot in the top reservoir)
     for u in range(U):
         for k in range(min(n_effect, st.top.key.shape[1])):
             if not math.isfinite(float(st.top.key[u, k])):
                 break
             vec = st.top.vec[u, k]
             p = int(vec.argmax())
-            rows.append((u, int(st.top.name[u, k]), p, float(vec[p])))
+            rows.append((u, int(st.top.name[u, k]), p, float(vec[p]), k))
     through = torch.full((U, V), math.nan)
     sums, counts = torch.zeros(U, V), torch.zeros(U)
     out: dict[int, list[tuple[int, list[float]]]] = {}
@@ -158,7 +158,11 @@ def ablation_effects(
         uniq, inv = torch.unique(name_ids, return_inverse=True)
         tokens_u = tok.batch([names[i] for i in uniq])
         tokens = tokens_u[inv]
-        edit = UnitEdit(s, units, torch.zeros(len(chunk)), sae_positions(tokens))
+        # the unit's clean value at each character is in the store: a feature's edit needs no SAE encoding
+        T = tokens.shape[1]  # <bos>, the longest name's characters, <eos>
+        current = torch.zeros(tokens.shape)
+        current[:, 1 : T - 1] = st.top.vec[units, torch.tensor([r[4] for r in chunk]), : T - 2]
+        edit = UnitEdit(s, units, torch.zeros(len(chunk)), sae_positions(tokens), current)
         if start:  # blocks before the hook's are unchanged by the edit: run them once per distinct name
             logits_u, cache = model.run_with_cache(tokens_u, names_filter=f"blocks.{start}.hook_resid_pre")
             with model.hooks(fwd_hooks=[(s.hook, edit)]):
@@ -180,7 +184,7 @@ def ablation_effects(
         sums.index_add_(0, units, d_logit / value[:, None])
         counts.index_add_(0, units, torch.ones(len(chunk)))
         n_pred = (tokens[:, 1:] != PAD_ID).sum(1)
-        for i, (u, name, _, _) in enumerate(chunk):
+        for i, (u, name, *_) in enumerate(chunk):
             out.setdefault(u, []).append((name, delta[i, : int(n_pred[i])].tolist()))
         if bar is not None:
             bar.update(len(chunk))

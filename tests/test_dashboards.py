@@ -21,6 +21,7 @@ from interp.activations import (
     feature_units,
     neuron_units,
     pearson,
+    prefetch,
 )
 from interp.dashboards import (
     DashboardSettings,
@@ -123,6 +124,7 @@ def test_store_matches_brute_force(tiny, tiny_corpus, arch):
         direction_units(model, "blocks.0.hook_resid_post"),
     ]
     store = collect(model, sets, names, regions, SMALL, progress=False)
+    assert getattr(sets[0], "_topk", False) is (arch == "topk")  # TopK codes read from the encoder's top k
     neurons_all = torch.cat(brute(model, tok, names, neuron_units(model, 0)))
     for s in sets:
         st = store[s.id]
@@ -226,6 +228,28 @@ def test_store_does_not_depend_on_batch_size(tiny, tiny_corpus):
         assert torch.allclose(x.sum_char, y.sum_char, atol=1e-3)
 
 
+def test_prefetch_keeps_order_and_errors():
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise VillesError("broken batch")
+
+    with pytest.raises(VillesError, match="broken batch"):
+        list(prefetch(failing()))
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    stream = prefetch(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the producer stops, a few items ahead at most
+    assert len(produced) <= 5
+
+
 def test_sparse_and_dense_paths_agree(tiny, tiny_corpus):
     model, _ = tiny
     s = feature_units(model, make_sae(arch="standard"))
@@ -296,6 +320,11 @@ def test_unit_edit(tiny):
     y = UnitEdit(s, units, torch.zeros(3), mask)(x)
     want = x - (f.gather(-1, units[:, None, None].expand(3, 5, 1)) * mask[..., None]) * sae.W_dec[units][:, None]
     assert torch.allclose(y, want, atol=1e-5)
+    current = f.gather(-1, units[:, None, None].expand(3, 5, 1))[..., 0]  # the clean values, as the store keeps them
+    assert not torch.allclose(UnitEdit(s, units, torch.full((3,), 2.0), mask, current)(x), x, atol=1e-5)
+    for value in (0.0, 2.0):
+        known = UnitEdit(s, units, torch.full((3,), value), mask, current)
+        assert torch.allclose(known(x), UnitEdit(s, units, torch.full((3,), value), mask)(x), atol=1e-5)
     n = neuron_units(model, 0, [3, 9])
     h = torch.randn(3, 5, 32)
     e = UnitEdit(n, torch.tensor([0, 1, 1]), torch.tensor([5.0, -1.0, 2.0]), mask)
