@@ -130,15 +130,23 @@ def _centre(x: Float[Tensor, "... vocab"], keep: Tensor) -> Float[Tensor, "... v
 
 @torch.no_grad()
 def ablation_effects(
-    model, tok: CharTokenizer, st: UnitStats, names: Sequence[str], n_effect: int, batch: int = 256, bar=None
+    model,
+    tok: CharTokenizer,
+    st: UnitStats,
+    names: Sequence[str],
+    n_effect: int,
+    batch: int = 256,
+    bar=None,
+    units: Sequence[int] | None = None,
 ) -> tuple[dict[int, list[tuple[int, list[float]]]], Float[Tensor, "units vocab"]]:
-    """Zero-ablate each unit on its top examples (see the module docstring); returns the per-character deltas and the
-    mean centred logit change at the peak character per unit of activation."""
+    """Zero-ablate each unit (of `units`, local indices; default all) on its top examples (see the module docstring);
+    returns the per-character deltas and the mean centred logit change at the peak character per unit of activation
+    (NaN rows for units not asked for or never active)."""
     s = st.unit_set
     U, V = len(s), model.cfg.d_vocab
     keep_v = _predictable(V)
     rows = []  # (unit, name index, peak character, peak value, slot in the top reservoir)
-    for u in range(U):
+    for u in range(U) if units is None else units:
         for k in range(min(n_effect, st.top.key.shape[1])):
             if not math.isfinite(float(st.top.key[u, k])):
                 break
@@ -275,11 +283,18 @@ def generate(
 
 
 def clamped_generations(
-    model, tok, st: UnitStats, settings: DashboardSettings, uniforms: Tensor, bar=None
+    model,
+    tok,
+    st: UnitStats,
+    settings: DashboardSettings,
+    uniforms: Tensor,
+    bar=None,
+    units: Sequence[int] | None = None,
 ) -> tuple[dict[int, list[list[str]]], dict[int, list[float]]]:
-    """Names generated with each live unit clamped at settings.clamp x its max activation, batched over units."""
+    """Names generated with each live unit (of `units`, local indices; default all) clamped at settings.clamp x its
+    max activation, batched over units."""
     s, S, M = st.unit_set, settings.n_generate, len(settings.clamp)
-    alive = (st.max > 0).nonzero().flatten().tolist()
+    alive = [u for u in (range(len(s)) if units is None else units) if float(st.max[u]) > 0]
     mult = torch.tensor(settings.clamp)
     gens: dict[int, list[list[str]]] = {}
     values = {u: [float(m * st.max[u]) for m in mult] for u in alive}
@@ -706,14 +721,16 @@ def causal_panels(
     settings: DashboardSettings,
     clock: Clock | None = None,
     progress: bool = False,
+    workers: int = 2,
 ) -> tuple[dict[str, Effects], dict[str, Tensor | None], list[str]]:
     """Ablations and clamped generations of every set: (effects per set id, raw direction . W_U per set id, the
     unclamped baseline names).
 
-    The two run side by side, ablations in this thread and generations in another, each with one torch thread: the
-    generation steps are too small to share out within an operation, and two threads of work keep both cores of a
-    small machine busy. torch releases the GIL inside its kernels, so the threads overlap. Hooks live on modules,
-    so the generation thread runs its own copy of the model (and of each SAE)."""
+    The work is cut into tasks (a set's units in chunks, for ablation or for generation) that `workers` threads take
+    from one list, biggest first, each with one torch thread: the generation steps are too small to share out within
+    an operation, and two threads of work keep both cores of a small machine busy to the end. torch releases the
+    GIL inside its kernels, so the threads overlap. Hooks live on modules, so each worker runs its own copy of the
+    model (and of each SAE). Results do not depend on the number of workers."""
     uniforms = torch.rand(settings.n_generate, model.cfg.n_ctx, generator=torch.Generator().manual_seed(settings.seed))
     W_U = model.W_U.detach().float()
     keep_v = _predictable(model.cfg.d_vocab)
@@ -723,52 +740,84 @@ def causal_panels(
         for s in sets
     )
     bar = tqdm(total=n_rows, desc="causal panels", unit="row", disable=not progress, dynamic_ncols=True)
-    gen_model = copy.deepcopy(model)
-    gen_out: dict[str, Any] = {}
+    per_gen = max(1, settings.generate_batch // (settings.n_generate * len(settings.clamp)))
+    per_abl = max(1, settings.effect_batch * 4 // settings.n_effect)
+    tasks: list[tuple[str, str, list[int] | None]] = [("baseline", "", None)]
+    for kind, size in (("generation", per_gen), ("ablation", per_abl)):  # generation chunks cost the most
+        for s in sets:
+            tasks += [(kind, s.id, list(range(c, min(c + size, len(s))))) for c in range(0, len(s), size)]
+    tasks.reverse()  # popped from the end
+    lock = threading.Lock()
+    results: list[tuple[tuple, Any]] = []
     errors: list[BaseException] = []
+    spent: dict[str, list[float]] = {}
 
-    def generations() -> None:
-        w, c = time.perf_counter(), time.thread_time()
-        try:
-            gen_out["baseline"] = generate(
-                gen_model, tok, uniforms, torch.arange(settings.n_generate), None, settings.generate_max_len
-            )
-            for s in sets:
-                own = dataclasses.replace(s, sae=copy.deepcopy(s.sae)) if s.sae is not None else s
-                st = dataclasses.replace(store[s.id], unit_set=own)
-                gen_out[s.id] = clamped_generations(gen_model, tok, st, settings, uniforms, bar)
-        except BaseException as e:  # re-raised in the calling thread
-            errors.append(e)
-        if clock is not None:
-            clock.add("  generation (thread)", time.perf_counter() - w, time.thread_time() - c)
+    def work(m) -> None:
+        own = {s.id: dataclasses.replace(s, sae=copy.deepcopy(s.sae)) if s.sae is not None else s for s in sets}
+        stats = {s.id: dataclasses.replace(store[s.id], unit_set=own[s.id]) for s in sets}
+        while not errors:
+            with lock:
+                if not tasks:
+                    return
+                task = tasks.pop()
+            kind, sid, units = task
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                if kind == "baseline":
+                    out = generate(m, tok, uniforms, torch.arange(settings.n_generate), None, settings.generate_max_len)
+                elif kind == "generation":
+                    out = clamped_generations(m, tok, stats[sid], settings, uniforms, bar, units)
+                else:
+                    out = ablation_effects(
+                        m, tok, stats[sid], store.names, settings.n_effect, settings.effect_batch, bar, units
+                    )
+            except BaseException as e:  # re-raised in the calling thread
+                errors.append(e)
+                return
+            with lock:
+                results.append((task, out))
+                t = spent.setdefault(f"  {'generation' if kind == 'baseline' else kind} (tasks)", [0.0, 0.0])
+                t[0] += time.perf_counter() - w
+                t[1] += time.thread_time() - c
 
-    worker = threading.Thread(target=generations, name="villes-generation", daemon=True)
-    effects, direct = {}, {}
+    models = [model] + [copy.deepcopy(model) for _ in range(max(1, workers) - 1)]
     with _threads(1):
-        worker.start()
-        w, c = time.perf_counter(), time.thread_time()
+        threads = [
+            threading.Thread(target=work, args=(m,), name=f"villes-causal-{i}", daemon=True)
+            for i, m in enumerate(models[1:])
+        ]
+        for t in threads:
+            t.start()
         try:
-            ablations = {
-                s.id: ablation_effects(
-                    model, tok, store[s.id], store.names, settings.n_effect, settings.effect_batch, bar
-                )
-                for s in sets
-            }
+            work(models[0])
         finally:
-            worker.join()
-        if clock is not None:
-            clock.add("  ablation (thread)", time.perf_counter() - w, time.thread_time() - c)
+            for t in threads:
+                t.join()
     bar.close()
     if errors:
         raise errors[0]
+    if clock is not None:
+        for stage, (w, c) in spent.items():
+            clock.add(stage, w, c)
+    baseline: list[str] = []
+    abl = {s.id: ({}, torch.full((len(s), model.cfg.d_vocab), math.nan)) for s in sets}
+    gen = {s.id: ({}, {}) for s in sets}
+    for (kind, sid, units), out in results:
+        if kind == "baseline":
+            baseline = out
+        elif kind == "generation":
+            gen[sid][0].update(out[0])
+            gen[sid][1].update(out[1])
+        else:
+            abl[sid][0].update(out[0])
+            abl[sid][1][units] = out[1][units]
+    effects, direct = {}, {}
     for s in sets:
         dirs = s.directions(model)
         direct[s.id] = dirs @ W_U if dirs is not None else None  # raw, uncentred (the export wants it so)
         raw = _centre(direct[s.id], keep_v) if dirs is not None else None
-        abl, through = ablations[s.id]
-        gens, values = gen_out[s.id]
-        effects[s.id] = Effects(abl, through, raw, gens, values)
-    return effects, direct, gen_out["baseline"]
+        effects[s.id] = Effects(abl[s.id][0], abl[s.id][1], raw, *gen[s.id])
+    return effects, direct, baseline
 
 
 def unit_sets_for(

@@ -1,6 +1,7 @@
 """Activation store and dashboards: the store against brute force, the causal panels against direct computation,
 the folder, the command and its bad input, and (marked browser; skipped without Chromium) the pages in a browser."""
 
+import dataclasses
 import json
 import math
 import re
@@ -26,6 +27,7 @@ from interp.activations import (
 from interp.dashboards import (
     DashboardSettings,
     ablation_effects,
+    causal_panels,
     dashboards,
     generate,
     parse_units,
@@ -410,6 +412,33 @@ def test_ablation_from_the_hooks_block_matches_a_full_run(tiny_transformer_dir, 
         want = (lp[0, :-1].gather(-1, tgt) - lp2[0, :-1].gather(-1, tgt))[:, 0]
         assert torch.allclose(torch.tensor(delta), want, atol=1e-4), s.id
         assert torch.isfinite(through[u]).all()
+
+
+def test_causal_panels_do_not_depend_on_workers(tiny, tiny_corpus):
+    model, tok = tiny
+    names = tiny_corpus.names[:150]
+    sets = [feature_units(model, make_sae(), units=range(6)), neuron_units(model, 0, range(5))]
+    store = collect(model, sets, names, None, SMALL, progress=False)
+    settings = dataclasses.replace(FAST, generate_batch=12, effect_batch=4)  # a few units per task: many tasks
+    (one, direct, base1), (two, _, base2) = (
+        causal_panels(model, tok, store, sets, settings, workers=w) for w in (1, 3)
+    )
+    assert base1 == base2 and len(base1) == settings.n_generate
+    for s in sets:
+        a, b = one[s.id], two[s.id]
+        alive = set((store[s.id].max > 0).nonzero().flatten().tolist())
+        assert a.generated == b.generated and a.clamp_values == b.clamp_values and set(a.generated) == alive
+        assert a.ablation.keys() == b.ablation.keys() == alive
+        for u in a.ablation:
+            assert [n for n, _ in a.ablation[u]] == [n for n, _ in b.ablation[u]]
+            assert all(
+                torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+                for (_, x), (_, y) in zip(a.ablation[u], b.ablation[u], strict=True)
+            )
+        assert (
+            torch.allclose(a.through, b.through, atol=1e-5, equal_nan=True) and not a.through[list(alive)].isnan().any()
+        )
+        assert direct[s.id].shape == (len(s), model.cfg.d_vocab)
 
 
 def test_generate_rows_are_independent(tiny):
