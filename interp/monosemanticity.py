@@ -103,6 +103,7 @@ class UnitSet:
     names: Callable[[int], str] = field(default=lambda i: str(i))
     n_entries: int = 0  # sparse sets: stored nonzero activations
     ordered: bool = False  # rows come in a Scorer's order (half A, then half B) rather than the bank's
+    entries: Callable[[int, int], tuple[Tensor, Tensor, Tensor]] | None = None  # sparse sets: (row, unit - s, value)
 
     @classmethod
     def dense(cls, kind: str, hook: str, acts: Float[Tensor, "row unit"]) -> UnitSet:
@@ -120,13 +121,17 @@ class UnitSet:
         order = torch.argsort(cols, stable=True)
         rows, cols, vals = rows[order], cols[order], vals[order]
 
-        def chunk(s: int, e: int) -> Tensor:
+        def entries(s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
             lo, hi = (int(i) for i in torch.searchsorted(cols, torch.tensor([s, e])))
+            return rows[lo:hi], cols[lo:hi] - s, vals[lo:hi]
+
+        def chunk(s: int, e: int) -> Tensor:
+            r, c, v = entries(s, e)
             out = torch.zeros(n_rows, e - s)
-            out[rows[lo:hi], cols[lo:hi] - s] = vals[lo:hi]
+            out[r, c] = v
             return out
 
-        return cls(kind, hook, n_units, chunk, n_entries=len(vals))
+        return cls(kind, hook, n_units, chunk, n_entries=len(vals), entries=entries)
 
 
 def _as_units(acts) -> UnitSet:
@@ -156,39 +161,38 @@ class _Half:
     def rows_of(self, c: int) -> Tensor:
         return self.dense_t[c].nonzero().squeeze(1)
 
-    def columns(self, concepts: Tensor) -> Bool[Tensor, "unit row"]:
-        """[units, rows]: each unit's concept label (False where the concept index is -1); concept-major, so this is
-        a copy of whole rows."""
-        out = self.dense_t.index_select(0, concepts.clamp(min=0))
-        return out & (concepts >= 0)[:, None] if bool((concepts < 0).any()) else out
+    def labels_at(self, e: _Entries, concepts: Int[Tensor, "unit"]) -> Bool[Tensor, "entry"]:
+        """For each entry, the label of its unit's concept (`concepts[u]`; False where it is -1) at its row: one
+        gather in the row-major label matrix (entries come in row order, so it is read almost sequentially)."""
+        c = concepts.index_select(0, e.u)
+        if e.offset is None:  # the entries' row offsets in the label matrix, kept for the next lookups
+            e.offset = e.n * self.dense.shape[1]
+        out = self.dense.view(-1)[e.offset + c.clamp(min=0)]
+        return out & (c >= 0) if bool((concepts < 0).any()) else out
 
 
 @dataclass
 class _Entries:
-    """The positive activations of a chunk on one half: flat index (row * units + unit), row (in the half), unit,
+    """The positive activations of a chunk on one half, in row order (then unit order): row (in the half), unit,
     threshold bin (1..G: how many grid values a/max exceeds), value."""
 
-    flat: Tensor
     n: Tensor
     u: Tensor
     bin: Tensor
     val: Tensor
-    n_rows: int
+    offset: Tensor | None = None  # n × concepts (set by `_Half.labels_at`)
 
     @classmethod
     def of(cls, x: Float[Tensor, "row unit"], scale: Float[Tensor, "unit"], G: int) -> _Entries:
         U = x.shape[1]
         flat = (x > 0).view(-1).nonzero().squeeze(1)
-        n, u = flat // U, flat % U
-        val = x.view(-1)[flat]
+        return cls.parts(flat // U, flat % U, x.view(-1)[flat], scale, G)
+
+    @classmethod
+    def parts(cls, n: Tensor, u: Tensor, val: Tensor, scale: Float[Tensor, "unit"], G: int) -> _Entries:
         # fired at θ_j = j/G (a > θ_j · max)  iff  bin > j; above the maximum of A (on B) the bin stays G
         bins = torch.ceil(val * scale[u]).clamp_(1, G).to(torch.int32)
-        return cls(flat, n, u, bins, val, x.shape[0])
-
-    def lookup(self, table: Bool[Tensor, "unit row"]) -> Bool[Tensor, "entry"]:
-        """table[u, n] for every entry (a table from `_Half.columns`): transposed first, so that the entries (in row
-        order) read it sequentially."""
-        return table.T.contiguous().view(-1)[self.flat]
+        return cls(n, u, bins, val)
 
 
 class Scorer:
@@ -225,6 +229,8 @@ class Scorer:
         }
         # rows of half A, then of half B: activations in this order are split by views, not copies
         self.order = torch.cat([self.halves["A"].rows, self.halves["B"].rows])
+        self.rank = torch.empty_like(self.order)  # a bank row's place in that order
+        self.rank[self.order] = torch.arange(len(self.order))
         a = self.halves["A"]
         # two ways to count: slot columns merged into few joint columns (cheap per entry, a fixed cost per class),
         # or one column per slot (the reverse); each chunk takes the cheaper for its number of entries
@@ -294,19 +300,46 @@ class Scorer:
     # -- one chunk of units
     def score_chunk(self, acts: Float[Tensor, "row unit"], greedy: bool = True, ordered: bool = False):
         """Scores of a chunk of units (rows in bank order, or in `self.order` when `ordered`): a dict of tensors."""
-        G, C = self.G, self.C
+        G = self.G
         acts = acts.float()
         if not ordered:
             acts = acts.index_select(0, self.order)
         acts = acts.contiguous()
-        U = acts.shape[1]
-        A, B = self.halves["A"], self.halves["B"]
-        xa, xb = acts[: len(A.rows)], acts[len(A.rows) :]
+        n_a = len(self.halves["A"].rows)
+        xa, xb = acts[:n_a], acts[n_a:]
         top = xa.amax(0)
+        scale = torch.where(top > 0, G / top.clamp(min=1e-30), torch.zeros(()))
+        ea, eb = _Entries.of(xa, scale, G), _Entries.of(xb, scale, G)
+        return self._score(ea, eb, top, greedy, xb if bool((xb < 0).any()) else None)
+
+    def score_sparse(
+        self, rows: Int[Tensor, "entry"], cols: Int[Tensor, "entry"], vals: Float[Tensor, "entry"], n_units: int,
+        greedy: bool = True, ordered: bool = False,
+    ):  # fmt: skip
+        """The same scores for units given by their nonzero (row, unit, value) entries, values >= 0 (zero elsewhere:
+        an SAE's latents), without densifying them: the cost is the number of entries, not rows × units."""
+        G = self.G
+        rows = rows.long() if ordered else self.rank.index_select(0, rows.long())
+        keep = vals > 0
+        rows, cols, vals = rows[keep], cols[keep].long(), vals[keep].float()
+        order = torch.argsort(rows * n_units + cols)  # row order, as the dense path has them
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        n_a = len(self.halves["A"].rows)
+        in_a = rows < n_a
+        top = torch.zeros(n_units).scatter_reduce_(0, cols[in_a], vals[in_a], "amax")
+        scale = torch.where(top > 0, G / top.clamp(min=1e-30), torch.zeros(()))
+        ea = _Entries.parts(rows[in_a], cols[in_a], vals[in_a], scale, G)
+        out = ~in_a
+        eb = _Entries.parts(rows[out] - n_a, cols[out], vals[out], scale, G)
+        return self._score(ea, eb, top, greedy, None)
+
+    def _score(self, ea: _Entries, eb: _Entries, top: Tensor, greedy: bool, xb: Tensor | None) -> dict:
+        """The scores from the positive entries of half A and B; `xb` (the dense activations on B) only when some
+        are negative (then r needs every row)."""
+        G, C = self.G, self.C
+        U = top.shape[0]
+        A, B = self.halves["A"], self.halves["B"]
         scorable = top > 0
-        scale = torch.where(scorable, G / top.clamp(min=1e-30), torch.zeros(()))
-        ea = _Entries.of(xa, scale, G)
-        eb = _Entries.of(xb, scale, G)
         n_active = torch.bincount(ea.u, minlength=U) + torch.bincount(eb.u, minlength=U)
 
         # half A: c1 and θ1
@@ -333,13 +366,13 @@ class Scorer:
             tp_s = tp[c1, uu].double()  # [U, G] TP of the union so far
             pos_s = pos[c1].clone()
             active = scorable.clone()
-            inside = ea.lookup(A.columns(c1))  # entries on the rows of the union so far
+            inside = A.labels_at(ea, c1)  # entries on the rows of the union so far
             for step in range(1, 1 + self.settings.max_extra):
                 if not bool(active.any()):
                     break
                 prior = chosen[:, :step]
                 if step > 1:
-                    inside |= ea.lookup(A.columns(prior[:, step - 1]))
+                    inside |= A.labels_at(ea, prior[:, step - 1])
                 # entries outside the union = all entries - those inside it (usually the few)
                 keep = inside.nonzero().squeeze(1)
                 kept = [k.index_select(0, keep) for k in classes]
@@ -366,13 +399,13 @@ class Scorer:
                 active &= take
 
         # held-out half B, from its entries (only positive activations can fire)
-        lab1 = eb.lookup(B.columns(c1))
+        lab1 = B.labels_at(eb, c1)
         fire1 = eb.bin > j1.to(torch.int32)[eb.u]
         mono1 = _f1_counts(eb.u, fire1 & lab1, fire1, B.pos[c1], U)
         lab_u = lab1.clone()
         for s in range(1, chosen.shape[1]):
             if bool((chosen[:, s] >= 0).any()):
-                lab_u |= eb.lookup(B.columns(chosen[:, s]))
+                lab_u |= B.labels_at(eb, chosen[:, s])
         fire_u = eb.bin > j_union.to(torch.int32)[eb.u]
         f1_union_b = _f1_counts(eb.u, fire_u & lab_u, fire_u, self.union_count(chosen), U)
         mono2 = torch.where(f1_union_b > 0, mono1 / f1_union_b.clamp(min=1e-30), torch.full_like(mono1, float("nan")))
@@ -381,14 +414,14 @@ class Scorer:
         share = mass_in / mass.clamp(min=1e-30)
         prevalence = B.pos[c1].double() / max(len(B.rows), 1)
         lift = share / prevalence.clamp(min=1e-30)
-        if bool((xb < 0).any()):
+        if xb is not None:
             r = self._point_biserial(xb, c1)
         else:  # zero wherever no entry: every sum comes from the entries
             r = _pearson(eb.u, eb.val.double(), lab1, B.pos[c1], len(B.rows), U)
         nan = torch.full((U,), float("nan"), dtype=torch.float64)
         return {
             "n_active": n_active,
-            "density": n_active.double() / acts.shape[0],
+            "density": n_active.double() / self.n_rows,
             "max_a": top.double(),
             "concept": torch.where(scorable, c1, torch.full_like(c1, -1)),
             "theta": torch.where(scorable, j1.double() / G, nan),
@@ -577,16 +610,26 @@ def score(
             t0 = (time.perf_counter(), time.process_time())
             for start in range(0, us.n_units, settings.unit_chunk):
                 stop = min(start + settings.unit_chunk, us.n_units)
-                chunk = us.chunk(start, stop)
-                if not torch.isfinite(chunk.sum(0)).all():  # a NaN or an infinity anywhere makes its column's sum one
-                    raise VillesError(f"{us.kind} activations hold NaN or infinite values")
-                out = scorer.score_chunk(chunk, ordered=us.ordered)
+                ids = name_ids[scorer.order] if us.ordered else name_ids
+                sparse = us.entries(start, stop) if us.entries is not None else None
+                if sparse is not None and bool((sparse[2] < 0).any()):
+                    sparse = None  # negative values: zero is not "inactive", every row counts
+                if sparse is not None:
+                    r, c, v = sparse
+                    if not torch.isfinite(v).all():
+                        raise VillesError(f"{us.kind} activations hold NaN or infinite values")
+                    out = scorer.score_sparse(r, c, v, stop - start, ordered=us.ordered)
+                    sums = torch.zeros(n_names, stop - start).index_put_((ids[r], c.long()), v.float(), accumulate=True)
+                else:
+                    chunk = us.chunk(start, stop)
+                    if not torch.isfinite(chunk.sum(0)).all():  # a NaN or an infinity makes its column's sum one
+                        raise VillesError(f"{us.kind} activations hold NaN or infinite values")
+                    out = scorer.score_chunk(chunk, ordered=us.ordered)
+                    sums = torch.zeros(n_names, chunk.shape[1]).index_add_(0, ids, chunk) if name_scorer else None
+                    del chunk
                 name_out = None
                 if name_scorer is not None:
-                    ids = name_ids[scorer.order] if us.ordered else name_ids
-                    means = torch.zeros(n_names, chunk.shape[1]).index_add_(0, ids, chunk) / lengths[:, None]
-                    name_out = name_scorer.score_chunk(means, greedy=False)
-                del chunk
+                    name_out = name_scorer.score_chunk(sums / lengths[:, None], greedy=False)
                 rows += _rows(us, start, out, scorer, name_out, name_scorer, settings)
                 bar.update(stop - start)
             if timings is not None:

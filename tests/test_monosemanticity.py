@@ -185,6 +185,13 @@ def test_fast_paths_agree_with_plain_ones(bank):
     ordered = UnitSet.dense("unit", "", acts.index_select(0, scorer.order))
     ordered.ordered = True
     assert score(ordered, bank.labels, bank.name_ids, scorer=scorer) == merged
+    # non-negative units given by their entries (as SAE latents are) score as their dense matrix does
+    nonneg = planted(bank)[:, [0, 1, 3, 4]]
+    r, c = nonneg.nonzero(as_tuple=True)
+    sparse = UnitSet.sparse("unit", "", r, c, nonneg[r, c], bank.n_positions, 4)
+    assert sparse.entries is not None
+    kw = {"name_labels": bank.name_labels, "settings": MonoSettings(unit_chunk=3)}
+    assert score(sparse, bank.labels, bank.name_ids, **kw) == score(nonneg, bank.labels, bank.name_ids, **kw)
     # correlation from the entries of a non-negative unit = the dense formula
     x = torch.relu(torch.randn(2000, 3, generator=torch.Generator().manual_seed(2)))
     lab = torch.rand(2000, 3, generator=torch.Generator().manual_seed(3)) < 0.3
