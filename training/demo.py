@@ -1,54 +1,418 @@
 """`villes demo`: the main job on the shipped checkpoints, no training. Each stage writes under `out/` and adds a
-section to `out/index.html`; the terminal gets a short text summary."""
+section to `out/index.html`; the terminal gets a short text summary.
+
+Stages, in order (each can be run alone with `run_demo(stages=...)`):
+    ladder          every rung, train/val NLL, novelty, samples            ladder.json
+    sae             the SAE's quality line (its metrics.json, or a quick evaluation)   sae.json
+    monosemanticity every feature, neuron and basis direction scored against the concept bank, random-direction
+                    and top-k-neuron controls (the random-model SAE control needs training: left to the command)
+                                                                           monosemanticity/
+    dashboards      one page per feature and per MLP neuron, labelled with the best concept   dashboards/
+    steering        a catalogue excerpt (one feature per property, picked by its concept label) and the region
+                    table (difference-of-means and probe directions toward Bretagne and Grand Est)   steering.json
+    attribution     which concepts made each letter of a few names         attribution/
+
+Below them: the small views the notebooks use (per-character surprise, attention, feature activations), so that no
+notebook computes anything the library does not.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from training.checkpoint import atomic_write_json, atomic_write_text
+from training.errors import VillesError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_NAMES = ("ladder", "sae", "monosemanticity", "dashboards", "steering", "attribution")
+# property of a generated name (interp.steering.PROPERTIES) -> concepts of the bank that spell it: the catalogue
+# steers the best-scored feature labelled with one of them (no index chosen by hand)
+CATALOGUE = {
+    "saint": ("word=saint", "word=sainte"),
+    "hyphen": ("char=-", "prev=-"),
+    "-ville": ("suffix=-ville", "word=ville"),
+    "-ac": ("suffix=-ac",),
+    "-heim": ("suffix=-heim",),
+}
+REGIONS = ("Bretagne", "Grand Est")
+ATTRIBUTION_NAMES = ("saint-malo", "plougastel-daoulas", "villeneuve-sur-lot")
 
-def ladder_stage(out: Path, progress: bool) -> tuple[str, str]:
+
+@dataclass(frozen=True)
+class DemoSettings:
+    checkpoint: Path = ROOT / "checkpoints" / "transformer"
+    sae: Path = ROOT / "checkpoints" / "sae"
+    stages: tuple[str, ...] = STAGE_NAMES
+    max_names: int | None = None  # monosemanticity/dashboards read every name of the corpus; fewer for a quick run
+    novelty_samples: int = 1000  # ladder: samples per rung for the novelty column
+    steer_n: int = 200  # names generated per steering setting
+    attribution_names: tuple[str, ...] = ATTRIBUTION_NAMES
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGE_NAMES]
+        if unknown or not self.stages:
+            raise VillesError(f"unknown demo stage {unknown[0] if unknown else '(none)'!r}: choose from "
+                              f"{', '.join(STAGE_NAMES)}")  # fmt: skip
+        for folder in (self.checkpoint, self.sae):
+            if not Path(folder).is_dir():
+                raise VillesError(f"checkpoint folder not found: {folder}")
+
+
+@dataclass
+class Context:
+    """What the stages share, loaded once when first asked for."""
+
+    out: Path
+    settings: DemoSettings
+    progress: bool
+    rows: list[dict] | None = None  # monosemanticity rows, when that stage ran
+    baseline: tuple | None = None  # unsteered samples and their NLL, shared by the steering measures
+    summary: dict = field(default_factory=dict)  # one short line per stage for the terminal
+
+    @cached_property
+    def model(self):
+        from training.transformer import load_model
+
+        return load_model(self.settings.checkpoint)
+
+    @cached_property
+    def sae(self):
+        from training.sae import load_sae
+
+        return load_sae(self.settings.sae, self.settings.checkpoint)
+
+    @cached_property
+    def corpus(self):
+        from training.checkpoint import read_json
+        from training.data import load_corpus
+
+        info = read_json(Path(self.settings.checkpoint) / "config.json").get("corpus", {})
+        return load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True))
+
+    @cached_property
+    def tokenizer(self):
+        from training.sae import char_tokenizer
+
+        return char_tokenizer(self.model)
+
+    @cached_property
+    def communes(self):
+        """The names monosemanticity and dashboards read: every name (or a seeded sample of max_names)."""
+        import random
+
+        communes = self.corpus.split("all")
+        n = self.settings.max_names
+        if n is not None and n < len(communes):
+            communes = sorted(random.Random(self.settings.seed).sample(communes, n), key=communes.index)
+        return communes
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> str:
     from training.cli import format_table
-    from training.data import load_communes
+
+    return format_table(rows, columns or list(rows[0])) if rows else "(none)"
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+# --- stages: each returns (terminal text, index.html section) ---------------------------------------------------------
+def ladder_stage(ctx: Context) -> tuple[str, str]:
     from training.ladder import ladder
 
-    rows, notes = ladder(load_communes(), progress=progress)
-    atomic_write_json(out / "ladder.json", [dataclasses.asdict(r) for r in rows])
-    table = [r.display() for r in rows]
-    text = format_table(table, list(table[0])) + "".join(f"\n{n}" for n in notes)
-    return text, f"<h2>The ladder</h2><pre>{html.escape(text)}</pre><p><a href='ladder.json'>ladder.json</a></p>"
+    checkpoints = {"transformer": Path(ctx.settings.checkpoint)}
+    rows, notes = ladder(ctx.corpus, checkpoints=checkpoints, n_novelty=ctx.settings.novelty_samples,
+                         seed=ctx.settings.seed, progress=ctx.progress)  # fmt: skip
+    atomic_write_json(ctx.out / "ladder.json", [dataclasses.asdict(r) for r in rows])
+    text = _table([r.display() for r in rows]) + "".join(f"\n{n}" for n in notes)
+    top = rows[-1]
+    ctx.summary["ladder"] = f"{len(rows)} rungs, top: {top.model} val {top.val_nll:.3f} nats/char"
+    section = (
+        "<h2 id='ladder'>The ladder</h2><p>Every rung scored on the same held-out names (nats per predicted "
+        "character, the end included), with samples.</p>" + _pre(text) + "<p><a href='ladder.json'>ladder.json</a></p>"
+    )
+    return text, section
 
 
-STAGES = {"ladder": ladder_stage}
+SAE_KEYS = ("l0", "explained_variance", "loss_recovered", "ce_loss_clean", "ce_loss_spliced", "dead_fraction")
 
 
-def run_demo(out: Path | str = "out", progress: bool = True) -> str:
+def sae_stage(ctx: Context) -> tuple[str, str]:
+    """The quality line from the SAE folder's metrics.json (measured on the whole val split when it was trained);
+    an SAE folder without one is evaluated now on up to 500 validation names."""
+    from training.checkpoint import read_json
+    from training.sae import evaluate_sae
+
+    path = Path(ctx.settings.sae) / "metrics.json"
+    if path.is_file():
+        metrics, source = read_json(path), f"{path.name} (val split, {read_json(path).get('n_names', '?')} names)"
+    else:
+        names = ctx.corpus.split_names("val")[:500]
+        metrics, source = evaluate_sae(ctx.model, ctx.sae, names), f"evaluated now on {len(names)} val names"
+    cfg = ctx.sae.cfg
+    line = (
+        f"SAE {type(ctx.sae).__name__} on {cfg.metadata.hook_name}: {cfg.d_in} -> {cfg.d_sae} latents; "
+        + ", ".join(f"{k} {metrics[k]:.4g}" for k in SAE_KEYS if k in metrics)
+        + f" [{source}]"
+    )
+    atomic_write_json(ctx.out / "sae.json", {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "hook": cfg.metadata.hook_name,
+                                            "source": source, **{k: metrics.get(k) for k in SAE_KEYS}})  # fmt: skip
+    ctx.summary["sae"] = f"L0 {metrics.get('l0', float('nan')):.1f}, loss recovered " \
+                         f"{metrics.get('loss_recovered', float('nan')):.3f}"  # fmt: skip
+    return line, "<h2 id='sae'>The sparse autoencoder</h2>" + _pre(line)
+
+
+def monosemanticity_stage(ctx: Context) -> tuple[str, str]:
+    from interp.monosemanticity import format_summary, monosemanticity, write_report
+
+    communes = ctx.communes
+    report = monosemanticity(ctx.model, ctx.sae, [c.name for c in communes], [c.region for c in communes],
+                             controls=True, progress=ctx.progress)  # fmt: skip
+    report.info.update(checkpoint=str(ctx.settings.checkpoint), sae=str(ctx.settings.sae), control_sae=None)
+    write_report(report, ctx.out / "monosemanticity")
+    ctx.rows = report.rows
+    text = format_summary(report.summary)
+    med = {s["kind"]: s["mono1"] for s in report.summary if s["mono1"] and not s["control"]}
+    ctx.summary["monosemanticity"] = "median Mono1 " + ", ".join(f"{k} {v[1]:.2f}" for k, v in med.items())
+    section = (
+        "<h2 id='monosemanticity'>Monosemanticity</h2><p>Every unit scored against the automatic concept bank "
+        "(Mono1: held-out F1 of the best concept). Controls: random directions and top-k neurons; the random-model "
+        "SAE control needs a training run (<code>villes monosemanticity</code>).</p>"
+        + _pre(text)
+        + "<p><a href='monosemanticity/figures.html'>distributions (figures)</a> · "
+        "<a href='monosemanticity/units.csv'>every unit (CSV)</a> · "
+        "<a href='monosemanticity/summary.txt'>summary</a></p>"
+    )
+    return text, section
+
+
+def dashboards_stage(ctx: Context) -> tuple[str, str]:
+    from interp.activations import StoreSettings
+    from interp.dashboards import DashboardSettings, dashboards
+
+    communes = ctx.communes
+    result = dashboards(ctx.model, ctx.sae, None, ctx.out / "dashboards", neurons=True,
+                        names=[c.name for c in communes], regions=[c.region for c in communes],
+                        settings=DashboardSettings(store=StoreSettings(split="all")), labels=ctx.rows,
+                        tokenizer=ctx.tokenizer, progress=ctx.progress,
+                        model_id=f"villes/{Path(ctx.settings.checkpoint).name}")  # fmt: skip
+    text = _table(result.sets, ["id", "hook", "kind", "units", "dead", "dense"])
+    ctx.summary["dashboards"] = f"{result.pages} pages"
+    section = (
+        "<h2 id='dashboards'>Dashboards</h2>"
+        f"<p><a href='dashboards/index.html'>{result.pages} unit pages</a>: every SAE feature and every MLP neuron "
+        "(top examples, histograms, logit effects, ablation and clamped generations, neighbours, concept label).</p>"
+        + _pre(text)
+    )
+    return text, section
+
+
+def _feature_means(ctx: Context, names: Sequence[str]):
+    """Each SAE feature's mean activation where it fires on `names` (the strength the catalogue adds)."""
+    import torch
+
+    from interp.monosemanticity import collect
+
+    hook = ctx.sae.cfg.metadata.hook_name
+    total, count = torch.zeros(ctx.sae.cfg.d_sae), torch.zeros(ctx.sae.cfg.d_sae)
+    with torch.no_grad():
+        for x in collect(ctx.model, names, [hook])[hook].split(8192):
+            f = ctx.sae.encode(x).float()
+            total += f.sum(0)
+            count += (f > 0).sum(0)
+    return total / count.clamp(min=1)
+
+
+def _baseline(ctx: Context) -> tuple:
+    from interp.steering import unsteered_baseline
+    from training.sampling import SampleSettings
+
+    if ctx.baseline is None:
+        settings = SampleSettings(n=ctx.settings.steer_n, seed=ctx.settings.seed)
+        ctx.baseline = unsteered_baseline(ctx.model, ctx.tokenizer, settings)
+    return ctx.baseline
+
+
+def catalogue(ctx: Context) -> list[dict]:
+    """For each property, the best-scored feature labelled with one of its concepts, added at its typical
+    activation everywhere: the property's rate before and after, cost and novelty (interp.steering.effect_report)."""
+    from interp.monosemanticity import units_for
+    from interp.steering import PROPERTIES, Edit, effect_report, feature_hooks
+
+    if ctx.rows is None:
+        return []
+    s = ctx.settings
+    base = _baseline(ctx)
+    means = _feature_means(ctx, ctx.corpus.split_names("train")[:1000])
+    out = []
+    for prop, concepts in CATALOGUE.items():
+        labelled = sorted(((r["mono1"], r["index"], c) for c in concepts for r in units_for(ctx.rows, c)[:1]),
+                          reverse=True)  # fmt: skip
+        if not labelled:
+            continue
+        mono1, i, concept = labelled[0]
+        edit = Edit("add", float(means[i]))
+        rep = effect_report(ctx.model, ctx.tokenizer, ctx.corpus, feature_hooks(ctx.model, ctx.sae, {i: edit}),
+                            n=s.steer_n, seed=s.seed, base=base)  # fmt: skip
+        before = sum(map(PROPERTIES[prop], rep.names_base)) / len(rep.names_base)
+        after = sum(map(PROPERTIES[prop], rep.names_steered)) / len(rep.names_steered)
+        out.append({
+            "property": prop, "feature": i, "label (Mono1)": f"{concept} ({mono1:.2f})",
+            "steering": f"add {edit.value:.2f}", "unsteered": f"{before:.1%}", "steered": f"{after:.1%}",
+            "cost": f"{rep.cost:+.3f}", "novelty": f"{rep.novelty_steered:.0%}",
+            "example": next((n for n in rep.names_steered if n not in rep.names_base), ""),
+        })  # fmt: skip
+    return out
+
+
+def region_table(ctx: Context) -> list[dict]:
+    """Toward each region: the classifier's share of generated names in that region, unsteered and with a
+    difference-of-means or probe direction added at the embedding (interp.regions' defaults), with cost."""
+    from interp.regions import (
+        DEFAULT_ALPHA,
+        DEFAULT_HOOK,
+        cached_classifier,
+        collect_region_sample,
+        diff_of_means,
+        direction_steering,
+        probe_direction,
+    )  # fmt: skip
+    from interp.steering import tokens_nll
+    from training.ladder import novelty
+    from training.sampling import SampleSettings, sample_names
+
+    s = ctx.settings
+    settings = SampleSettings(n=s.steer_n, seed=s.seed)
+    present = {c.region for c in ctx.corpus.communes}
+    regions = [r for r in REGIONS if r in present]  # a names file has no regions: no table
+    if not regions:
+        return []
+    clf = cached_classifier(ctx.corpus)
+    clean, nll_base = _baseline(ctx)
+    rows = []
+    for region in regions:
+        rows.append({
+            "region": region, "method": "unsteered", "alpha": "", "success": f"{clf.share(clean.names, region):.1%}",
+            "cost": "+0.000", "novelty": f"{novelty(clean.names, ctx.corpus):.0%}", "examples": "",
+        })  # fmt: skip
+        sample = collect_region_sample(ctx.model, ctx.tokenizer, ctx.corpus, region, [DEFAULT_HOOK])
+        for method, make in (("diff-of-means", diff_of_means), ("probe", probe_direction)):
+            alpha = DEFAULT_ALPHA[method]
+            hooks = direction_steering(ctx.model, make(sample, DEFAULT_HOOK), "add", alpha)
+            steered = sample_names(ctx.model, ctx.tokenizer, settings, fwd_hooks=hooks)
+            total, count = tokens_nll(ctx.model, steered.tokens)
+            rows.append({
+                "region": region, "method": f"{method} add @ {DEFAULT_HOOK}", "alpha": f"{alpha:g}",
+                "success": f"{clf.share(steered.names, region):.1%}", "cost": f"{total / count - nll_base:+.3f}",
+                "novelty": f"{novelty(steered.names, ctx.corpus):.0%}", "examples": ", ".join(steered.names[:3]),
+            })  # fmt: skip
+    return rows
+
+
+def steering_stage(ctx: Context) -> tuple[str, str]:
+    cat = catalogue(ctx)
+    regions = region_table(ctx)
+    atomic_write_json(ctx.out / "steering.json", {"catalogue": cat, "regions": regions, "n": ctx.settings.steer_n})
+    text = (
+        f"catalogue ({ctx.settings.steer_n} names per setting, same seed as the unsteered ones):\n"
+        + (_table(cat) if cat else "(needs the monosemanticity stage's labels)")
+        + "\n\nregion steering:\n"
+        + (_table(regions) if regions else "(the corpus has no region metadata)")
+    )
+    ctx.summary["steering"] = f"{len(cat)} catalogue features, {len(regions)} region rows"
+    section = (
+        "<h2 id='steering'>Steering</h2><p>Catalogue: for each property of a name, the best-scored SAE feature "
+        "labelled with it, added at its typical activation; region table: directions toward a region added at the "
+        "embedding, success measured by the region classifier. The full benchmark: "
+        "<code>python bench/steering.py</code>; one intervention: <code>villes steer</code>.</p>"
+        + _pre(text)
+        + "<p><a href='steering.json'>steering.json</a></p>"
+    )
+    return text, section
+
+
+def attribution_stage(ctx: Context) -> tuple[str, str]:
+    from interp.attribution import attribute, format_summary, write_html
+
+    folder = ctx.out / "attribution"
+    folder.mkdir(parents=True, exist_ok=True)
+    links, texts = [], []
+    for name in ctx.settings.attribution_names:
+        result = attribute(ctx.model, ctx.sae, name, labels=ctx.rows,
+                           feature_link="../dashboards/units/sae/{index}.html")  # fmt: skip
+        file = name.replace(" ", "_").replace("'", "_") + ".html"
+        write_html(result, folder / file)
+        links.append(f"<li><a href='attribution/{html.escape(file)}'>{html.escape(name)}</a></li>")
+        texts.append(f"{name}\n{format_summary(result)}")
+    text = "\n\n".join(texts)
+    ctx.summary["attribution"] = f"{len(links)} names"
+    section = (
+        "<h2 id='attribution'>Attribution</h2><p>Which SAE features made each letter: direct effect, gradient x "
+        "activation, integrated gradients and the true ablation, with how far to trust each.</p><ul>"
+        + "".join(links)
+        + "</ul>"
+        + _pre(text)
+    )
+    return text, section
+
+
+STAGES = {
+    "ladder": ladder_stage,
+    "sae": sae_stage,
+    "monosemanticity": monosemanticity_stage,
+    "dashboards": dashboards_stage,
+    "steering": steering_stage,
+    "attribution": attribution_stage,
+}
+
+
+def run_demo(out: Path | str = "out", progress: bool = True, settings: DemoSettings = DemoSettings()) -> str:
+    """Run the stages into `out`, write `out/index.html` (a section per stage) and `out/timings.json`; returns the
+    terminal summary."""
+    import torch
+
+    settings.validate()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VillesError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    texts, sections, timings = [], [], {}
-    for name, stage in STAGES.items():
+    ctx = Context(out, settings, progress)
+    sections, timings = [], {}
+    for name in STAGE_NAMES:
+        if name not in settings.stages:
+            continue
         t = time.perf_counter()
-        text, section = stage(out, progress)
+        if progress:
+            print(f"villes demo: {name}", flush=True)
+        text, section = STAGES[name](ctx)
         timings[name] = round(time.perf_counter() - t, 1)
-        texts.append(text)
-        sections.append(section)
+        sections.append(section + f"<p class='t'>{timings[name]} s</p>")
+    nav = " · ".join(f"<a href='#{n}'>{n}</a>" for n in STAGE_NAMES if n in settings.stages)
     page = (
         "<!doctype html><meta charset='utf-8'><title>villes demo</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:80em;margin:2em auto}pre{font-size:13px}</style>"
-        "<h1>villes: French commune names, generated and opened</h1>" + "".join(sections)
+        "<style>body{font-family:system-ui,sans-serif;max-width:90em;margin:2em auto;padding:0 1em}"
+        "pre{font-size:12px;overflow-x:auto}.t{color:#888;font-size:12px}</style>"
+        "<h1>villes: French commune names, generated and opened</h1>"
+        f"<p>{nav}</p>" + "".join(sections)
     )
     atomic_write_text(out / "index.html", page)
-    atomic_write_json(out / "timings.json", timings)
-    return "\n\n".join(texts) + f"\n\nwritten: {out / 'index.html'} ({json.dumps(timings)} s)"
+    atomic_write_json(out / "timings.json", {**timings, "torch_threads": torch.get_num_threads()})
+    lines = [f"{k:16s} {v}" for k, v in ctx.summary.items()]
+    total = sum(timings.values())
+    return "\n".join(lines) + f"\n\nopen {out / 'index.html'} ({total:.0f} s: " + \
+        ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ")"  # fmt: skip
 
 
 # --- small views shared by the notebooks and the demo ---------------------------------------------------------------
