@@ -14,10 +14,12 @@ from interp.monosemanticity import (
     Scorer,
     UnitSet,
     _pearson,
+    _plain_topk,
     load_or_train_control_sae,
     monosemanticity,
     random_directions,
     read_rows,
+    sae_units,
     score,
     summarize,
     units_for,
@@ -234,6 +236,9 @@ def test_model_sae_and_controls(tiny_transformer_dir, tiny_topk_sae_dir, tiny_co
     with pytest.raises(VillesError, match="another model shape or other SAE settings"):  # a folder named by the user
         load_or_train_control_sae(model, sae, train, tmp_path / "control", tokens=20_480, reuse_any=True)
     names = tiny_corpus.names
+    x = torch.randn(3000, model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    fast, plain = sae_units("f", sae, x, chunk=1000), sae_units("f", sae, x, chunk=1000, fast=False)
+    assert _plain_topk(sae) == 4 and torch.equal(fast.chunk(0, 64), plain.chunk(0, 64))  # TopK shortcut = encode
     report = monosemanticity(model, sae, names, [c.region for c in tiny_corpus.communes], control_sae=control)
     kinds = {}
     for r in report.rows:
