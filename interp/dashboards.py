@@ -367,21 +367,29 @@ def _r(x, nd: int = 3):
 
 
 class _Examples:
-    """A reservoir as plain lists, rounded once for the whole set (per-unit tensor indexing dominated page time)."""
+    """A reservoir as plain lists, rounded once for the whole set (per-unit tensor indexing dominated page time).
+    Only the kept entries' characters are converted (a name fills about a quarter of its padded row)."""
 
     def __init__(self, store: ActivationStore, res):
         self.store = store
-        self.ok = torch.isfinite(res.key).tolist()
-        self.name = res.name.tolist()
-        self.vec = torch.round(res.vec.double(), decimals=3).tolist()
+        ok = torch.isfinite(res.key) & (res.name >= 0)
+        name = res.name[ok]
+        lengths = torch.tensor([len(n) for n in store.names])[name]
+        valid = torch.arange(res.vec.shape[-1]) < lengths[:, None]
+        values = torch.round(res.vec[ok][valid].double(), decimals=3).tolist()
+        ends = lengths.cumsum(0).tolist()
+        self.vectors = [values[e - n : e] for e, n in zip(ends, lengths.tolist(), strict=True)]
+        self.names = name.tolist()
+        self.first = (ok.sum(1).cumsum(0) - ok.sum(1)).tolist()  # first kept entry of each group (kept come first)
+        self.count = ok.sum(1).tolist()
         self.region = store.name_region.tolist()
 
     def __call__(self, g: int) -> list[dict]:
         out = []
-        for ok, nid, vec in zip(self.ok[g], self.name[g], self.vec[g], strict=True):
-            if ok:
-                name = self.store.names[nid]
-                out.append({"n": name, "v": vec[: len(name)], "g": self.store.region_names[self.region[nid]]})
+        names, regions = self.store.names, self.store.region_names
+        for i in range(self.first[g], self.first[g] + self.count[g]):
+            nid = self.names[i]
+            out.append({"n": names[nid], "v": self.vectors[i], "g": regions[self.region[nid]]})
         return out
 
 
@@ -404,20 +412,29 @@ def histogram(st: UnitStats, u: int) -> dict:
     """Bars from the most negative bin to the last non-empty positive one: centres, widths, counts."""
     B = st.hist_pos.shape[1]
     x, w, counts = [], [], []
+
+    def filled(h: Tensor) -> list[int]:  # the counts up to the last non-empty bin
+        h = h.long().tolist()
+        last = max((i for i, c in enumerate(h) if c > 0), default=-1)
+        return h[: last + 1]
+
     if st.hist_neg is not None and float(st.range_neg[u]) > 0:
-        h, wn = st.hist_neg[u], float(st.range_neg[u]) / B
-        last = int(h.nonzero().max()) if bool((h > 0).any()) else -1
-        for i in range(last, -1, -1):
+        h, wn = filled(st.hist_neg[u]), float(st.range_neg[u]) / B
+        for i in range(len(h) - 1, -1, -1):
             x.append(-wn * (i + 0.5))
             w.append(wn)
-            counts.append(int(h[i]))
-    h, wp = st.hist_pos[u], float(st.range_pos[u]) / B
-    last = int(h.nonzero().max()) if bool((h > 0).any()) else -1
-    for i in range(last + 1):
+            counts.append(h[i])
+    h, wp = filled(st.hist_pos[u]), float(st.range_pos[u]) / B
+    for i in range(len(h)):
         x.append(wp * (i + 0.5))
         w.append(wp)
-        counts.append(int(h[i]))
-    return {"x": _r(x, 5), "w": _r(w, 5), "counts": counts, "nonzero_only": st.unit_set.kind == "feature"}
+        counts.append(h[i])
+    return {
+        "x": [round(v, 5) for v in x],
+        "w": [round(v, 5) for v in w],
+        "counts": counts,
+        "nonzero_only": st.unit_set.kind == "feature",
+    }
 
 
 def unit_page_data(
@@ -824,7 +841,8 @@ def unit_sets_for(
     model, sae=None, hook: str | None = None, units: Sequence[int] | None = None, neurons: bool | None = None
 ) -> list[UnitSet]:
     """What `dashboards` builds: the SAE's features (on `hook` or the hook its metadata names); else the units of
-    `hook`; else every MLP neuron. neurons=True adds every MLP neuron beside an SAE."""
+    `hook`; else every MLP neuron. neurons=True adds every MLP neuron beside an SAE (with `units`, those of the
+    indices each layer has: `--units 0-999` beside a 2,048-latent SAE means neurons 0-511 of each layer)."""
     sets: list[UnitSet] = []
     if sae is not None:
         sets.append(feature_units(model, sae, hook, units))
@@ -832,7 +850,10 @@ def unit_sets_for(
         sets.append(hook_units(model, hook, units))
     if neurons or (neurons is None and sae is None and hook is None):
         have = {s.hook for s in sets}
-        sets += [s for s in all_neuron_units(model, units) if s.hook not in have]
+        if sets and units is not None and model.cfg.d_mlp:  # beside another family: the indices that fit
+            units = [i for i in units if i < model.cfg.d_mlp]
+        if units is None or len(units):
+            sets += [s for s in all_neuron_units(model, units) if s.hook not in have]
     if not sets:
         raise VillesError("nothing to build: give an SAE, a hook, or a model with MLP neurons")
     return sets

@@ -568,6 +568,18 @@ def test_labels(tiny, tmp_path):
         resolve_labels(tmp_path / "bad.json", sets)
 
 
+def test_units_beside_an_sae(tiny):
+    model, _ = tiny
+    sae = make_sae(d_sae=64)
+    sets = unit_sets_for(model, sae, units=range(40), neurons=True)
+    assert [(s.id, len(s)) for s in sets] == [("sae", 40), ("mlp0", model.cfg.d_mlp)]  # neurons: the indices that fit
+    assert [s.id for s in unit_sets_for(model, sae, units=[50], neurons=True)] == ["sae"]
+    with pytest.raises(VillesError, match="out of range"):
+        unit_sets_for(model, sae, units=[64], neurons=True)
+    with pytest.raises(VillesError, match="out of range"):
+        unit_sets_for(model, units=[model.cfg.d_mlp])  # neurons alone: every index must exist
+
+
 def test_parse_units():
     assert parse_units("0-3,7, 5") == [0, 1, 2, 3, 5, 7]
     assert parse_units(None) is None
