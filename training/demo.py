@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -219,22 +218,6 @@ def dashboards_stage(ctx: Context) -> tuple[str, str]:
     return text, section
 
 
-def _feature_means(ctx: Context, names: Sequence[str]):
-    """Each SAE feature's mean activation where it fires on `names` (the strength the catalogue adds)."""
-    import torch
-
-    from interp.monosemanticity import collect
-
-    hook = ctx.sae.cfg.metadata.hook_name
-    total, count = torch.zeros(ctx.sae.cfg.d_sae), torch.zeros(ctx.sae.cfg.d_sae)
-    with torch.no_grad():
-        for x in collect(ctx.model, names, [hook])[hook].split(8192):
-            f = ctx.sae.encode(x).float()
-            total += f.sum(0)
-            count += (f > 0).sum(0)
-    return total / count.clamp(min=1)
-
-
 def _baseline(ctx: Context) -> tuple:
     from interp.steering import unsteered_baseline
     from training.sampling import SampleSettings
@@ -246,8 +229,8 @@ def _baseline(ctx: Context) -> tuple:
 
 
 def catalogue(ctx: Context) -> list[dict]:
-    """For each property, the best-scored feature labelled with one of its concepts, added at its typical
-    activation everywhere: the property's rate before and after, cost and novelty (interp.steering.effect_report)."""
+    """For each property, the best-scored feature labelled with one of its concepts, scaled by 4 where it fires:
+    the property's rate before and after, cost and novelty (interp.steering.effect_report)."""
     from interp.monosemanticity import units_for
     from interp.steering import PROPERTIES, Edit, effect_report, feature_hooks
 
@@ -255,7 +238,6 @@ def catalogue(ctx: Context) -> list[dict]:
         return []
     s = ctx.settings
     base = _baseline(ctx)
-    means = _feature_means(ctx, ctx.corpus.split_names("train")[:1000])
     out = []
     for prop, concepts in CATALOGUE.items():
         labelled = sorted(((r["mono1"], r["index"], c) for c in concepts for r in units_for(ctx.rows, c)[:1]),
@@ -263,14 +245,14 @@ def catalogue(ctx: Context) -> list[dict]:
         if not labelled:
             continue
         mono1, i, concept = labelled[0]
-        edit = Edit("add", float(means[i]))
+        edit = Edit("scale", 4.0)  # amplified where it already fires: the catalogue's one setting
         rep = effect_report(ctx.model, ctx.tokenizer, ctx.corpus, feature_hooks(ctx.model, ctx.sae, {i: edit}),
                             n=s.steer_n, seed=s.seed, base=base)  # fmt: skip
         before = sum(map(PROPERTIES[prop], rep.names_base)) / len(rep.names_base)
         after = sum(map(PROPERTIES[prop], rep.names_steered)) / len(rep.names_steered)
         out.append({
             "property": prop, "feature": i, "label (Mono1)": f"{concept} ({mono1:.2f})",
-            "steering": f"add {edit.value:.2f}", "unsteered": f"{before:.1%}", "steered": f"{after:.1%}",
+            "steering": f"scale {edit.value:g}", "unsteered": f"{before:.1%}", "steered": f"{after:.1%}",
             "cost": f"{rep.cost:+.3f}", "novelty": f"{rep.novelty_steered:.0%}",
             "example": next((n for n in rep.names_steered if n not in rep.names_base), ""),
         })  # fmt: skip
@@ -334,7 +316,7 @@ def steering_stage(ctx: Context) -> tuple[str, str]:
     ctx.summary["steering"] = f"{len(cat)} catalogue features, {len(regions)} region rows"
     section = (
         "<h2 id='steering'>Steering</h2><p>Catalogue: for each property of a name, the best-scored SAE feature "
-        "labelled with it, added at its typical activation; region table: directions toward a region added at the "
+        "labelled with it, scaled by 4 where it fires; region table: directions toward a region added at the "
         "embedding, success measured by the region classifier. The full benchmark: "
         "<code>python bench/steering.py</code>; one intervention: <code>villes steer</code>.</p>"
         + _pre(text)
@@ -533,3 +515,36 @@ def level_summary(lm, corpus, n_samples: int = 8, seed: int = 0) -> dict:
     nats, count = lm.nll(corpus.split_names("val"))
     samples = lm.sample(SampleSettings(n=n_samples, seed=seed))
     return {"model": lm.name, "params": lm.params, "val_nll": round(nats / count, 4), "samples": samples}
+
+
+def top_names(model, names, hook: str, index: int, sae=None, k: int = 8) -> list[tuple[str, list[float]]]:
+    """The `k` names where a unit peaks highest, each with the unit's activation at every character: an SAE feature
+    (`sae` given: latent `index` of the SAE on `hook`) or a coordinate of `hook` (an MLP neuron, a basis direction)."""
+    import torch
+
+    from training.sae import char_tokenizer, sae_positions
+
+    tok = char_tokenizer(model)
+    peaks, values = [], []
+    with torch.no_grad():
+        for start in range(0, len(names), 1024):
+            batch = list(names[start : start + 1024])
+            tokens = tok.batch(batch)
+            _, cache = model.run_with_cache(tokens, names_filter=hook)
+            x = cache[hook]
+            a = (sae.encode(x)[..., index] if sae is not None else x[..., index]) * sae_positions(tokens)
+            peaks.append(a.max(1).values)
+            values += [a[i, 1 : len(n) + 1].tolist() for i, n in enumerate(batch)]
+    best = torch.cat(peaks).topk(min(k, len(names))).indices.tolist()
+    return [(names[i], values[i]) for i in best]
+
+
+def top_names_view(model, names, hook: str, index: int, sae=None, k: int = 8):
+    """circuitsvis coloured letters: the unit's top names, one after another (separated by ' · ')."""
+    from circuitsvis.tokens import colored_tokens
+
+    symbols, values = [], []
+    for name, acts in top_names(model, names, hook, index, sae, k):
+        symbols += [shown(c) for c in name] + [" · "]
+        values += acts + [0.0]
+    return colored_tokens(symbols, values)
