@@ -56,6 +56,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.activations import (
+    MLP_POST,
     ActivationStore,
     StoreSettings,
     UnitEdit,
@@ -243,12 +244,18 @@ def generate(
     training.sampling.sample_names cannot serve here: it drops finished rows from its batch, and its hooks are not
     told which rows are left, so a hook cannot clamp a different unit in each row. This loop tells `edit.rows`.
     Row r draws its token at step t by inverse CDF with uniforms[sample_of_row[r], t] (common random numbers). A name
-    still unfinished after max_len characters is cut there and marked with an ellipsis."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    still unfinished after max_len characters is cut there and marked with an ellipsis.
 
+    Where the edit sits at a point `_EditingDecoder` reaches (an MLP's hook_post, the last block's hook_resid_post,
+    or no edit at all), the same loop runs on training.lean_decoder instead: the same arithmetic without
+    TransformerLens's per-step overhead (several times faster here), checked equal by the tests."""
     n, limit = len(sample_of_row), model.cfg.n_ctx  # tokens, <bos> included
     if max_len is not None:
         limit = min(limit, max_len + 2)
+    if _EditingDecoder.reaches(model, edit):
+        return _generate_lean(model, tok, uniforms, sample_of_row, edit, limit)
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n)
     live = torch.arange(n)
     seqs = torch.full((n, 1), BOS_ID)
@@ -259,15 +266,11 @@ def generate(
         for t in range(limit - 1):
             if edit is not None:
                 edit.rows = live
-            probs = log_probs(model(nxt, past_kv_cache=cache)[:, -1]).exp()
-            cdf = probs.cumsum(-1)
-            u = uniforms[sample_of_row[live], t] * cdf[:, -1]
-            choice = torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp(max=probs.shape[1] - 1)
+            choice = _draw(model(nxt, past_kv_cache=cache)[:, -1], uniforms[sample_of_row[live], t])
             seqs = torch.cat([seqs, choice[:, None]], 1)
             done = (choice == EOS_ID) | (seqs.shape[1] >= limit)
             for j in done.nonzero().flatten().tolist():
-                text = tok.decode(seqs[j, 1:].tolist())
-                out[int(live[j])] = text if int(choice[j]) == EOS_ID else text[: limit - 2] + "\u2026"
+                out[int(live[j])] = _finish(tok, seqs[j, 1:].tolist(), limit)
             if bool(done.all()):
                 break
             if bool(done.any()):
@@ -280,6 +283,95 @@ def generate(
     if edit is not None:
         edit.rows = None
     return out
+
+
+def _draw(logits: Float[Tensor, "rows vocab"], u: Float[Tensor, " rows"]) -> Int[Tensor, " rows"]:
+    """Inverse-CDF sampling: the token whose cumulative probability first reaches u (uniform in [0, 1))."""
+    cdf = log_probs(logits).exp().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=logits.shape[1] - 1)
+
+
+def _finish(tok: CharTokenizer, tokens: list[int], limit: int) -> str:
+    """A sampled name from its tokens after <bos>; one that filled the context is cut and marked with an ellipsis."""
+    text = tok.decode(tokens)
+    return text if tokens and tokens[-1] == EOS_ID else text[: limit - 2] + "\u2026"
+
+
+class _EditingDecoder:
+    """training.lean_decoder's LeanDecoder with one UnitEdit applied at a point its step already passes through,
+    so nothing of the step is rewritten: an MLP's hook_post is the output of its activation function (called once
+    per block, in order), and the last block's hook_resid_post is the input of the final norm."""
+
+    @staticmethod
+    def reaches(model, edit: UnitEdit | None) -> bool:
+        from training import lean_decoder
+
+        if not lean_decoder.supports(model):
+            return False
+        if edit is None:
+            return True
+        hook = edit.s.hook
+        return bool(MLP_POST.match(hook)) or hook == f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def __init__(self, model, batch: int, edit: UnitEdit | None):
+        from training.lean_decoder import LeanDecoder
+
+        self.dec = LeanDecoder(model, batch)
+        self.edit, self.layer = edit, 0
+        m = MLP_POST.match(edit.s.hook) if edit is not None else None
+        self.mlp_layer = int(m.group(1)) if m else None
+        if m:
+            act = self.dec.act
+
+            def edited_act(h):
+                out = act(h)
+                self.layer += 1
+                return self.edit(out) if self.layer - 1 == self.mlp_layer else out
+
+            self.dec.act = edited_act
+        elif edit is not None:
+            norm, ln_f = self.dec._norm, self.dec.ln_f
+
+            def edited_norm(x, wb):
+                return norm(self.edit(x[:, None])[:, 0] if wb is ln_f else x, wb)
+
+            self.dec._norm = edited_norm
+
+    def step(self, tokens: Int[Tensor, "batch 1"]) -> Float[Tensor, "batch vocab"]:
+        self.layer = 0
+        return self.dec.step(tokens)
+
+
+def _generate_lean(model, tok, uniforms, sample_of_row, edit: UnitEdit | None, limit: int) -> list[str]:
+    """`generate` on the lean decoder. Finished rows stay in it (fed <eos>, outputs ignored) until fewer than 60%
+    are live, as in training.sampling: compacting the cache at every finished name would copy it at most steps."""
+    n = len(sample_of_row)
+    dec = _EditingDecoder(model, n, edit)
+    row = torch.arange(n)  # the original row of each decoder row
+    live = torch.ones(n, dtype=torch.bool)
+    tokens = torch.full((n, limit), EOS_ID)  # sampled tokens after <bos>, per original row
+    length = torch.zeros(n, dtype=torch.long)
+    nxt = torch.full((n, 1), BOS_ID)
+    for t in range(limit - 1):
+        if edit is not None:
+            edit.rows = row
+        logits = dec.step(nxt)
+        idx = live.nonzero().flatten()
+        choice = _draw(logits[idx], uniforms[sample_of_row[row[idx]], t])
+        tokens[row[idx], t] = choice
+        length[row[idx]] = t + 1
+        nxt = torch.full((len(row), 1), EOS_ID)
+        nxt[idx, 0] = choice
+        live[idx[choice == EOS_ID]] = False
+        if t + 2 >= limit or not bool(live.any()):
+            break
+        if int(live.sum()) < 0.6 * dec.dec.batch:
+            keep = live.nonzero().flatten()
+            dec.dec.keep(keep)
+            row, live, nxt = row[keep], live[keep], nxt[keep]
+    if edit is not None:
+        edit.rows = None
+    return [_finish(tok, tokens[r, : int(length[r])].tolist(), limit) for r in range(n)]
 
 
 def clamped_generations(

@@ -458,6 +458,30 @@ def test_generate_rows_are_independent(tiny):
     assert generate(model, tok, uniforms, torch.arange(6), loud) != every
 
 
+def test_lean_generation_matches_transformer_lens(tiny, monkeypatch):
+    """Clamped sampling on the lean decoder (edits at an MLP's hook_post or the last hook_resid_post) gives the names
+    TransformerLens's own forward with the hook gives, row for row, cut names included."""
+    import interp.dashboards as dash
+
+    model, tok = tiny
+    uniforms = torch.rand(4, model.cfg.n_ctx, generator=torch.Generator().manual_seed(1))
+    rows = torch.arange(4).repeat(3)
+    neurons = neuron_units(model, 0)
+    features = feature_units(model, make_sae())  # on blocks.0.hook_resid_post, the tiny model's last
+    edits = [
+        None,
+        UnitEdit(neurons, torch.arange(12) % 5, torch.linspace(0, 6, 12)),
+        UnitEdit(features, torch.arange(12) % 7, torch.linspace(0, 12, 12)),
+    ]
+    assert all(dash._EditingDecoder.reaches(model, e) for e in edits)
+    lean = [generate(model, tok, uniforms, rows, e, max_len=6) for e in edits]
+    monkeypatch.setattr(dash._EditingDecoder, "reaches", staticmethod(lambda model, edit: False))
+    hooked = [generate(model, tok, uniforms, rows, e, max_len=6) for e in edits]
+    assert lean == hooked
+    assert any(name.endswith("\u2026") for names in lean for name in names)  # some were cut at 6 characters
+    assert lean[1] != lean[0] and lean[2] != lean[0]  # the edits do something
+
+
 # --- the folder ------------------------------------------------------------------------------------------------------
 def page_data(path):
     text = path.read_text(encoding="utf-8")
