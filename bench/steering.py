@@ -131,8 +131,36 @@ def concept_labels(model, corpus, sae, n_names: int, seed: int) -> tuple[list[di
     return report.rows, total / count.clamp(min=1)
 
 
-def catalogue(model, tok, corpus, sae, rows, mean_on, n: int, seed: int, quick: bool) -> list[dict]:
+class Labels:
+    """`concept_labels`, computed on first use and kept in a JSON file (parallel runs of the benchmark share it)."""
+
+    def __init__(self, model, corpus, sae, sae_dir: Path, n_names: int, seed: int, cache: Path | None):
+        self.args, self.cache = (model, corpus, sae, n_names, seed), cache
+        self.key = {"sae": str(Path(sae_dir).resolve()), "n_names": n_names, "seed": seed}
+        self.value = None
+
+    def get(self) -> tuple[list[dict], torch.Tensor]:
+        import json
+
+        if self.value is None and self.cache is not None and self.cache.is_file():
+            data = json.loads(self.cache.read_text(encoding="utf-8"))
+            if data.get("key") == self.key:
+                self.value = data["rows"], torch.tensor(data["mean_on"])
+        if self.value is None:
+            t0 = time.perf_counter()
+            self.value = concept_labels(*self.args)
+            log(f"concept labels (monosemanticity scores) in {time.perf_counter() - t0:.0f}s")
+            if self.cache is not None:
+                atomic_write_json(
+                    self.cache, {"key": self.key, "rows": self.value[0], "mean_on": self.value[1].tolist()}
+                )
+        return self.value
+
+
+def catalogue(model, tok, corpus, sae, labels: Labels, n: int, seed: int, quick: bool) -> list[dict]:
     from interp.monosemanticity import units_for
+
+    rows, mean_on = labels.get()
 
     settings = SampleSettings(n=n, seed=seed)
     base = unsteered_baseline(model, tok, settings)
@@ -217,14 +245,14 @@ def _short(hook: str) -> str:
     return hook.replace("blocks.", "b").replace(".hook_", ".")  # b0.resid_pre is the embedding
 
 
-def region_steering(model, tok, corpus, sae, clf, labels, region: str, n: int, seed: int, quick: bool) -> dict:
+def region_steering(model, tok, corpus, sae, clf, labels: Labels | None, region: str, n, seed, quick) -> dict:
     ev = Evaluator(model, tok, corpus, clf, n, seed)
     hooks_at = rg.residual_hooks(model)
     sae_hook = sae.cfg.metadata.hook_name if sae is not None else None
     sample = rg.collect_region_sample(model, tok, corpus, region, sorted({*hooks_at, sae_hook} - {None}))
     base = {"success": ev.clf.share(ev.base.names, region), "cost": 0.0, "novelty": novelty(ev.base.names, corpus)}
     methods: list[dict] = []
-    alphas = (4.0, 16.0) if quick else (2.0, 4.0, 8.0, 16.0)
+    alphas = (4.0, 16.0, 64.0)
     wheres = {"all": None, "first 3": Where(first=3)}
 
     def sweep(name, hook, where_name, make, alphas=alphas):
@@ -240,7 +268,7 @@ def region_steering(model, tok, corpus, sae, clf, labels, region: str, n: int, s
     dirs = {h: (rg.diff_of_means(sample, h), rg.probe_direction(sample, h)) for h in hooks_at}
     for hook_set in [[h] for h in hooks_at] + [list(hooks_at)]:
         label = "+".join(_short(h) for h in hook_set) if len(hook_set) < len(hooks_at) else "all residuals"
-        for wn, where in wheres.items():
+        for wn, where in wheres.items() if len(hook_set) > 1 or not quick else list(wheres.items())[:1]:
             for k, kind in enumerate(("diff-of-means", "probe")):
                 rds = [dirs[h][k] for h in hook_set]
                 sweep(
@@ -251,16 +279,8 @@ def region_steering(model, tok, corpus, sae, clf, labels, region: str, n: int, s
                         x for rd in rds for x in rg.direction_steering(model, rd, "add", a, w)
                     ],
                 )
-            if not quick and len(hook_set) == 1:
-                rd = dirs[hook_set[0]][0]
-                sweep(
-                    "diff-of-means clamp",
-                    label,
-                    wn,
-                    lambda a, rd=rd, w=where: rg.direction_steering(model, rd, "clamp", a, w),
-                )
     if sae is not None:
-        feats = rg.region_features(sample, sae, top=rg.SAE_TOP, labels=labels)
+        feats = rg.region_features(sample, sae, top=rg.SAE_TOP, labels=labels.get()[0] if labels else None)
         label = "SAE " + ",".join(str(f.index) for f in feats)
         for wn, where in wheres.items():
             for mode in ("add", "clamp"):
@@ -269,27 +289,28 @@ def region_steering(model, tok, corpus, sae, clf, labels, region: str, n: int, s
                     _short(sae_hook),
                     wn,
                     lambda a, w=where, mode=mode: rg.feature_steering(model, sae, feats, mode, a, w),
-                    alphas=(1.0, 4.0) if quick else (1.0, 2.0, 4.0, 8.0),
+                    alphas=(1.0, 4.0) if quick else (1.0, 2.0, 4.0),
                 )
     fit_hooks = hooks_at[:-1]  # the residual stream entering each block
-    fits = [("likelihood", 0.0, True), ("contrastive", rg.FIT["contrast"], True)]
-    if not quick:
-        fits.append(("contrastive", rg.FIT["contrast"], False))
-    for kind, contrast, shared in fits:
+    fits = [("contrastive", rg.FIT["contrast"], None)]
+    if not quick:  # also: likelihood only; and fitted to the region's names that the classifier recognizes
+        fits.insert(0, ("likelihood", 0.0, None))
+    fits.append(("contrastive, recognized names", rg.FIT["contrast"], lambda names: clf.is_region(names, region)))
+    for kind, contrast, accept in fits:
         t0 = time.perf_counter()
-        steps = 60 if quick else rg.FIT["steps"]
+        steps = rg.FIT["steps"]
         fitted = rg.fit_region_vectors(
-            model, tok, corpus, region, fit_hooks, first=rg.FIT["first"], shared=shared, steps=steps, contrast=contrast
-        )
+            model, tok, corpus, region, fit_hooks, first=rg.FIT["first"], shared=True, steps=steps, contrast=contrast,
+            accept=accept,
+        )  # fmt: skip
         name = f"fitted vectors, {kind}" + (f" b={contrast}" if contrast else "")
         log(f"  {name} fitted in {time.perf_counter() - t0:.0f}s: {fitted.history[-1] if fitted.history else ''}")
-        positions = f"first {rg.FIT['first']}" + (" + shared" if shared else "")
         sweep(
             name,
             "+".join(_short(h) for h in fit_hooks),
-            positions,
+            f"first {rg.FIT['first']} + shared",
             lambda a, f=fitted: f.hooks(model, a),
-            alphas=(1.0, 1.2) if quick else (0.8, 1.0, 1.2, 1.5),
+            alphas=(1.0, 1.2, 1.4) if quick else (1.0, 1.2, 1.4, 1.7),
         )
     # reference, not steering: keep the unsteered samples the classifier assigns to the region
     many = unsteered_baseline(model, tok, SampleSettings(n=max(4 * n, 2000), seed=seed + 1))
@@ -326,40 +347,44 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "transformer")
     p.add_argument("--sae", type=Path, default=ROOT / "checkpoints" / "sae")
-    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="fewer strengths and candidates (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer settings, candidates and fitting steps")
+    p.add_argument("--skip-classifier", action="store_true", help="load the cached classifier, print no table")
     p.add_argument("--skip-catalogue", action="store_true")
+    p.add_argument("--labels-cache", type=Path, default=ROOT / "out" / "bench" / "steering_labels.json")
     p.add_argument("--skip-regions", action="store_true")
     p.add_argument("--regions", default=",".join(REGIONS))
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench" / "steering.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(1)
     corpus = load_communes()
     model, tok, _ = load_checkpoint(args.checkpoint)
     sae = load_sae_folder(args.sae) if (args.sae / "cfg.json").is_file() else None
     report: dict = {"checkpoint": str(args.checkpoint), "sae": str(args.sae) if sae is not None else None, "n": args.n}
 
     t0 = time.perf_counter()
-    clf, rows, summary = classifier_section(corpus, ROOT / "out" / "bench" / "region_classifier.safetensors")
-    report["classifier"] = {"summary": summary, "rows": rows}
-    print("## Region classifier (held-out test split; logistic regression over character 1-5-grams vs the floor)")
-    print(format_table(rows, list(rows[0])))
-    print(
-        f"accuracy: test {summary['test_accuracy']:.1%} (naive Bayes {summary['test_accuracy_nb']:.1%}), "
-        f"val {summary['val_accuracy']:.1%} (naive Bayes {summary['val_accuracy_nb']:.1%})\n"
-    )
-
-    labels = mean_on = None
+    cache = ROOT / "out" / "bench" / "region_classifier.safetensors"
+    if args.skip_classifier:
+        clf = rg.load_or_train_classifier(corpus, cache, rg.ClassifierSettings())[0]
+    else:
+        clf, rows, summary = classifier_section(corpus, cache)
+        report["classifier"] = {"summary": summary, "rows": rows}
+        print("## Region classifier (held-out test split; logistic regression over character 1-5-grams vs the floor)")
+        print(format_table(rows, list(rows[0])))
+        print(
+            f"accuracy: test {summary['test_accuracy']:.1%} (naive Bayes {summary['test_accuracy_nb']:.1%}), "
+            f"val {summary['val_accuracy']:.1%} (naive Bayes {summary['val_accuracy_nb']:.1%})\n"
+        )
+    labels = None
     if sae is not None:
-        t1 = time.perf_counter()
-        labels, mean_on = concept_labels(model, corpus, sae, 2000 if args.quick else 4000, args.seed)
-        log(f"concept labels (monosemanticity scores) in {time.perf_counter() - t1:.0f}s")
+        n_names = 2000 if args.quick else 4000
+        labels = Labels(model, corpus, sae, args.sae, n_names, args.seed, args.labels_cache)
     if not args.skip_catalogue:
         if sae is None:
             print(f"## Catalogue: skipped (no SAE in {args.sae})\n")
         else:
-            cat = catalogue(model, tok, corpus, sae, labels, mean_on, args.n, args.seed, args.quick)
+            cat = catalogue(model, tok, corpus, sae, labels, args.n, args.seed, args.quick)
             report["catalogue"] = cat
             hook = sae.cfg.metadata.hook_name
             print(f"## Catalogue: SAE features of {args.sae.name} ({hook}), picked by their concept labels")

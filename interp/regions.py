@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -277,10 +277,12 @@ def collect_region_sample(
     corpus: Corpus,
     region: str,
     hook_names: Sequence[str],
+    *,
     n_uniform: int = 6000,
     seed: int = 0,
     batch_size: int = 512,
 ) -> RegionSample:
+    """Activations at `hook_names` over the region's train names and a uniform sample (see RegionSample)."""
     from interp.steering import hook_shape
 
     check_region(corpus, region)
@@ -456,18 +458,24 @@ def fit_region_vectors(
     contrast: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    accept: Callable[[list[str]], list[bool]] | None = None,
 ) -> FittedVectors:
     """Maximize the likelihood of the region's train names under the steered model. With `contrast` > 0, add a
     preference term (as DPO, and BiPO for steering vectors): the steering must raise the region's names more than
     it raises other names, each relative to the unsteered model, with `contrast` as DPO's beta. Likelihood alone
     covers every name of the region, generic ones included ("saint-martin"); the contrast pushes toward what sets
-    the region apart."""
+    the region apart. `accept` (names -> booleans) restricts the region's train names to the ones it accepts, e.g. the
+    ones a region classifier recognizes (the distinctive names)."""
     from tqdm.auto import tqdm
 
     from training.lm import mean_nll, token_nll
 
     check_region(corpus, region)
     names = [c.name for c in corpus.split("train") if c.region == region]
+    if accept is not None:
+        names = [n for n, k in zip(names, accept(names), strict=True) if k]
+        if not names:
+            raise VillesError(f"no train name of {region} is kept: nothing to fit")
     others = [c.name for c in corpus.split("train") if c.region != region]
     pool = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:4096].tolist()
     other_tokens = tokenizer.batch([others[i] for i in pool], drop_unknown=True)[:, : model.cfg.n_ctx]
@@ -556,7 +564,7 @@ def feature_steering(
 DEFAULT_HOOK = "blocks.0.hook_resid_pre"
 METHODS = ("fitted", "diff-of-means", "probe", "sae-add", "sae-clamp")
 DEFAULT_ALPHA = {"fitted": 1.2, "diff-of-means": 4.0, "probe": 4.0, "sae-add": 4.0, "sae-clamp": 4.0}
-FIT = {"first": 5, "shared": True, "steps": 300, "contrast": 0.03}  # the fitted method as benchmarked
+FIT = {"first": 5, "shared": True, "steps": 150, "contrast": 0.03}  # the fitted method as benchmarked
 SAE_TOP = 3  # region features steered together
 CLASSIFIER_CACHE = Path(__file__).resolve().parent.parent / "out" / "bench" / "region_classifier.safetensors"
 

@@ -323,7 +323,7 @@ def test_cli_steer_bad_input(capsys, tmp_path, monkeypatch, tiny_transformer_dir
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_region_steering(capsys, monkeypatch, tiny_transformer_dir):
+def test_cli_region_steering(capsys, monkeypatch, tiny_transformer_dir, sae_dir):
     import interp.regions
 
     class Everywhere:  # stands in for the region classifier (training it takes a minute)
@@ -338,3 +338,8 @@ def test_cli_region_steering(capsys, monkeypatch, tiny_transformer_dir):
     assert report["rates_steered"]["region: Bretagne"] == 1.0 and len(report["names_steered"]) == 8
     code, _, err = _run(capsys, "steer", "--checkpoint", tiny_transformer_dir, "--region", "Bretagne", "--first", "2")
     assert code == 2 and "fitted" in err
+    argv = ["steer", "--checkpoint", tiny_transformer_dir, "--sae", sae_dir, "--region", "Bretagne", "--n", "6"]
+    code, out, _ = _run(capsys, *argv, "--method", "sae-add", "--alpha", "2", "--json")
+    assert code == 0 and json.loads(out)["rates_steered"]["region: Bretagne"] == 1.0
+    code, out, _ = _run(capsys, *argv, "--method", "probe", "--hook", "all", "--json")
+    assert code == 0 and len(json.loads(out)["names_steered"]) == 6
