@@ -702,12 +702,13 @@ def _quartiles(values: list[float]) -> tuple[float, float, float] | None:
     return tuple(float(v) for v in q)
 
 
-STATS = ("mono1", "mono2", "r", "mass_share", "lift")
+STATS = ("mono1", "mono2", "r", "mass_share", "lift", "density", "name_mono1")
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
     """Per (kind, hook): counts, flags, and the quartiles (q1, median, q3) of each score over the unflagged units
-    (keys mono1, mono2, r, mass_share, lift, mono1_ge_0.5) and over every unit but the dead ones, dense included
+    (keys mono1, mono2, r, mass_share, lift, density, name_mono1, mono1_ge_0.5) and over every unit but the dead
+    ones, dense included
     (the same keys + "_all"); units never active on half A have no scores and count in neither."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -757,12 +758,19 @@ def format_summary(summary: Sequence[dict]) -> str:
                 "Mono2": q(s["mono2" + suffix]),
                 "r": q(s["r" + suffix]),
                 "mass share": q(s["mass_share" + suffix]),
+                "density": "-" if s.get("density" + suffix) is None else f"{s['density' + suffix][1]:.4f}",
+                "region Mono1": q(s.get("name_mono1" + suffix)),
                 "Mono1>=.5": "-" if s["mono1_ge_0.5" + suffix] is None else f"{s['mono1_ge_0.5' + suffix]:.0%}",
             }
             for s in summary
         ]
         cols = ["kind", "hook", "units", "dead", "dense", "n", "Mono1", "Mono2", "r", "mass share", "Mono1>=.5"]
-        out.append(f"{title}: median [q1-q3] over the n units\n" + format_table(table, cols))
+        cols += ["density", "region Mono1"]
+        out.append(
+            f"{title}: median [q1-q3] over the n units (density: median share of positions where the unit is > 0; "
+            "region Mono1: Mono1 of the unit averaged over each name, against the name's region)\n"
+            + format_table(table, cols)
+        )
     return "\n\n".join(out)
 
 
