@@ -1,7 +1,7 @@
 """villes.interp: open any HookedTransformer (and any SAELens SAE on it): activations, dashboards, monosemanticity,
 steering and attribution of concepts to outputs. Submodules import lazily so that `import interp` stays light."""
 
-__all__ = ["attribute"]
+__all__ = ["attribute", "dashboards"]
 
 
 def __getattr__(name):
@@ -9,4 +9,8 @@ def __getattr__(name):
         from interp.attribution import attribute
 
         return attribute
+    if name == "dashboards":  # a callable module: interp.dashboards(model, sae=None, hook=...) builds the pages
+        import interp.dashboards
+
+        return interp.dashboards
     raise AttributeError(name)

@@ -27,6 +27,12 @@ Causal panels, batched over all units of a set:
   - generation: names sampled with the unit clamped at fixed multiples of its maximum activation at every position
     (<bos> included, so the first letter can move), with common random numbers: row s of every clamp value and of
     the unclamped baseline uses the same uniform draws, so differences come from the clamp, not from sampling noise.
+
+Speed (bench/dashboards.py: the 2,048 features of the shipped SAE and its model's 1,024 MLP neurons over the whole
+corpus). The activation pass prefetches the forward passes in a background thread and reads a TopK SAE's codes
+straight from its top k; ablations reuse the clean activations the store kept (no SAE encoding); ablation and
+generation are cut into tasks that two worker threads share; clamped names are sampled on training.lean_decoder
+where the edit point allows (`_EditingDecoder`), else with TransformerLens's hooked key-value cache.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,6 +167,13 @@ def ablation_effects(
     rows.sort(key=lambda r: (len(names[r[1]]), r[1]))
     # with right padding and learned positions, the residual stream before the hook's block is all the rest needs
     start = s.layer if s.layer and model.cfg.positional_embedding_type in ("standard", "rotary") else None
+    # a block's output (hook_resid_post) feeds only the blocks after it (for the last block: the final norm alone)
+    after = None
+    if re.fullmatch(r"blocks\.\d+\.hook_resid_post", s.hook) and model.cfg.positional_embedding_type in (
+        "standard",
+        "rotary",
+    ):
+        after = s.layer + 1
     for b0 in range(0, len(rows), batch):
         chunk = rows[b0 : b0 + batch]
         units = torch.tensor([r[0] for r in chunk])
@@ -172,7 +186,10 @@ def ablation_effects(
         current = torch.zeros(tokens.shape)
         current[:, 1 : T - 1] = st.top.vec[units, torch.tensor([r[4] for r in chunk]), : T - 2]
         edit = UnitEdit(s, units, torch.zeros(len(chunk)), sae_positions(tokens), current)
-        if start:  # blocks before the hook's are unchanged by the edit: run them once per distinct name
+        if after is not None:  # the hook is a block's output: edit the clean one, run only what follows it
+            logits_u, cache = model.run_with_cache(tokens_u, names_filter=s.hook)
+            logits_abl = model(edit(cache[s.hook][inv]), start_at_layer=after)
+        elif start:  # blocks before the hook's are unchanged by the edit: run them once per distinct name
             logits_u, cache = model.run_with_cache(tokens_u, names_filter=f"blocks.{start}.hook_resid_pre")
             with model.hooks(fwd_hooks=[(s.hook, edit)]):
                 logits_abl = model(cache[f"blocks.{start}.hook_resid_pre"][inv], start_at_layer=start)
@@ -1286,3 +1303,14 @@ def add_dashboards_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_dashboards)
     return p
+
+
+class _CallableModule(types.ModuleType):
+    """`interp.dashboards(model, sae=None, hook=...)` as the issue writes it: the module, called, builds the folder
+    (`dashboards` below); `from interp.dashboards import dashboards` works as ever."""
+
+    def __call__(self, *args, **kwargs) -> DashboardResult:
+        return dashboards(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -397,6 +397,7 @@ def test_ablation_from_the_hooks_block_matches_a_full_run(tiny_transformer_dir, 
     for s in (
         neuron_units(model, 1, [2, 3]),
         feature_units(model, make_sae(hook="blocks.1.hook_resid_post"), units=[0, 1]),
+        direction_units(model, "blocks.0.hook_resid_post", [1, 4]),  # a block's output: only block 1 runs again
     ):
         st = collect(model, [s], names, None, SMALL, progress=False)[s.id]
         ablation, through = ablation_effects(model, tok, st, names, 2, batch=3)
@@ -552,8 +553,10 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
     assert len(exported["pos_str"]) == 10 and 0 < exported["frac_nonzero"] < 1
     manifest = json.loads((out / "dashboards.json").read_text(encoding="utf-8"))
     assert manifest["pages"] == 16 and {s["id"] for s in manifest["sets"]} == {"sae", "mlp0"}
-    # an earlier dashboards folder is replaced whole; anything else is refused
-    dashboards(
+    # an earlier dashboards folder is replaced whole (here through the spelling, interp.dashboards(...))
+    import interp
+
+    interp.dashboards(
         model,
         None,
         "blocks.0.hook_resid_post",
