@@ -791,10 +791,15 @@ class _Accumulator:
         st.active_names += torch.bincount(u, minlength=U)
         self._grow_ranges(batch_max, None if low is None else -low.amin(0))
         self._histogram(a, nz)
-        _offer_pairs(st.top, u, -peak, j, u, b, a)
-        if low is not None:
-            jl, ul = (low < 0).nonzero(as_tuple=True)
-            _offer_pairs(st.bottom, ul, low[jl, ul], jl, ul, b, a)
+        if sparse:
+            _offer_pairs(st.top, u, -peak, j, u, b, a)
+        else:  # only a batch's k best names (and those tied with them) can enter a unit's top k: offer those alone
+            k = min(self.cfg.top_k, len(peaks))
+            jt, ut = ((peaks >= peaks.topk(k, dim=0).values[-1]) & (peaks > 0)).nonzero(as_tuple=True)
+            _offer_pairs(st.top, ut, -peaks[jt, ut], jt, ut, b, a)
+            if low is not None:
+                jl, ul = ((low <= low.topk(k, dim=0, largest=False).values[-1]) & (low < 0)).nonzero(as_tuple=True)
+                _offer_pairs(st.bottom, ul, low[jl, ul], jl, ul, b, a)
         nb = self.cfg.n_bands
         scale = torch.where(st.range_pos > 0, nb / st.range_pos.clamp(min=1e-30), torch.zeros_like(st.range_pos))
         band = u * nb + (peak * scale[u]).long().clamp_(0, nb - 1)
