@@ -59,3 +59,17 @@ def test_sampling_is_seeded(train_names):
     m = NGramModel(tok, NGramSettings(order=4)).fit(train_names)
     assert m.sample(5, seed=3) == m.sample(5, seed=3) != m.sample(5, seed=4)
     assert all(s.startswith("saint-") for s in m.sample(5, seed=0, prefix="saint-"))
+
+
+def test_ladder_train_sample_changes_only_the_train_column(tiny_corpus):
+    from training.ladder import ladder
+
+    kw = {"checkpoints": {}, "n_novelty": 20, "progress": False}
+    full, _ = ladder(tiny_corpus, **kw)
+    n = len(tiny_corpus.split_names("train")) // 3
+    sampled, notes = ladder(tiny_corpus, train_sample=n, **kw)
+    assert any(f"{n:,} train names" in note for note in notes)
+    assert [r.val_nll for r in sampled] == [r.val_nll for r in full]
+    assert [r.samples for r in sampled] == [r.samples for r in full]
+    assert sampled[-1].train_nll != full[-1].train_nll
+    assert sampled == ladder(tiny_corpus, train_sample=n, **kw)[0]  # the sample is seeded

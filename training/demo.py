@@ -54,6 +54,7 @@ class DemoSettings:
     stages: tuple[str, ...] = STAGE_NAMES
     max_names: int | None = None  # monosemanticity/dashboards read every name of the corpus; fewer for a quick run
     novelty_samples: int = 1000  # ladder: samples per rung for the novelty column
+    train_sample: int | None = 4000  # ladder: train NLL on a seeded sample of train names (None: all of them)
     steer_n: int = 200  # names generated per steering setting
     attribution_names: tuple[str, ...] = ATTRIBUTION_NAMES
     seed: int = 0
@@ -133,7 +134,8 @@ def ladder_stage(ctx: Context) -> tuple[str, str]:
 
     checkpoints = {"transformer": Path(ctx.settings.checkpoint)}
     rows, notes = ladder(ctx.corpus, checkpoints=checkpoints, n_novelty=ctx.settings.novelty_samples,
-                         seed=ctx.settings.seed, progress=ctx.progress)  # fmt: skip
+                         seed=ctx.settings.seed, progress=ctx.progress,
+                         train_sample=ctx.settings.train_sample)  # fmt: skip
     atomic_write_json(ctx.out / "ladder.json", [dataclasses.asdict(r) for r in rows])
     text = _table([r.display() for r in rows]) + "".join(f"\n{n}" for n in notes)
     top = rows[-1]
