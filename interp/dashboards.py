@@ -968,69 +968,54 @@ def unit_sets_for(
     return sets
 
 
-Labels = Mapping[tuple[str, int], tuple[str, float]]
-_LABEL_KINDS = {"feature": "feature", "neuron": "neuron", "residual": "direction", "basis": "direction"}
-
-
-def labels_from_rows(rows: Sequence[Mapping], sets: Sequence[UnitSet]) -> dict[tuple[str, int], tuple[str, float]]:
-    """The `labels` slot from per-unit score rows such as interp.monosemanticity's (fields kind, hook, index,
-    concept, mono1): a row labels the unit of the set of the same kind reading the same hook. Residual (or basis)
-    rows label direction sets: their unit i < d is +e_i, direction i; the -e_i rows (i >= d) and the controls are
-    left out. A row whose unit lies outside its set's width means the rows score another model: one clear error."""
-    by_hook = {(s.kind, s.hook): s for s in sets}
-    out = {}
-    for r in rows:
-        if not isinstance(r, Mapping):
-            raise VillesError(f"a label row must be a mapping with kind, hook, index, concept, mono1; got {r!r:.80}")
-        s = by_hook.get((_LABEL_KINDS.get(r.get("kind")), r.get("hook")))
-        if s is None or r.get("concept") is None or r.get("mono1") is None:
-            continue
-        index = int(r["index"])
-        if r.get("kind") in ("residual", "basis") and index >= s.width:
-            continue  # the negative direction -e_(i-d)
-        if not 0 <= index < s.width:
-            raise VillesError(
-                f"label row for {r.get('kind')} {index} on {s.hook} is out of range ({s.width} units): "
-                "the labels score another model or SAE"
-            )
-        out[(s.id, index)] = (str(r["concept"]), float(r["mono1"]))
-    return out
+_LABEL_KINDS = {"feature": ("feature",), "neuron": ("neuron",), "direction": ("residual", "basis")}
 
 
 def resolve_labels(labels, sets: Sequence[UnitSet]) -> dict[tuple[str, int], tuple[str, float]] | None:
-    """`labels` as dashboards() takes it: None; a mapping (set id, unit index) -> (concept, score); per-unit rows
-    (interp.monosemanticity's `report.rows`); or a path to a monosemanticity folder or its units.json. Rows that
-    match none of the units to build mean the labels belong to another model, SAE or hook: one clear error."""
+    """The concept slot: (set id, unit index) -> (best concept c*, Mono1). `labels` is None; such a mapping already;
+    or what interp.monosemanticity reads (a `Report`, its rows, its folder or units.json), whose rows label the set
+    of the same kind on the same hook: features through `sae_labels` (which refuses a report made for another SAE:
+    other width or, when recorded, other weights), neurons by index, residual/basis rows the direction sets (+e_i,
+    i < d). Labels that match none of the units built, or a neuron beyond its layer, mean another model: one clear
+    error."""
     if labels is None:
         return None
-    if isinstance(labels, (str, Path)):
-        from interp.monosemanticity import read_rows
+    if isinstance(labels, Mapping) and all(isinstance(k, tuple) for k in labels):
+        ids = {s.id for s in sets}
+        try:
+            return {(k[0], int(k[1])): (str(v[0]), float(v[1])) for k, v in labels.items() if k[0] in ids}
+        except (IndexError, TypeError, ValueError):
+            raise VillesError("labels must map (set id, unit index) to (concept, score)") from None
+    from interp.monosemanticity import sae_labels, unit_labels
 
+    if isinstance(labels, (str, Path)):
         path = Path(labels)
-        if path.is_file():
+        if not path.exists():
+            raise VillesError(f"--labels {path}: no such file or folder (a monosemanticity report or its units.json)")
+        if path.is_file() and path.name != "units.json":  # rows saved under another name (no summary beside them)
             try:
                 labels = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise VillesError(f"cannot read label rows {path}: {str(e).splitlines()[0][:200]}") from None
-        elif path.is_dir():
-            labels = read_rows(path)
-        else:
-            raise VillesError(f"--labels {path}: no such file or folder (a monosemanticity report or its units.json)")
-        if isinstance(labels, Mapping) and isinstance(labels.get("rows"), list):
-            labels = labels["rows"]
-        if not isinstance(labels, list):
-            raise VillesError(f"{path} holds no per-unit label rows (expected a JSON list such as units.json)")
-    if isinstance(labels, Mapping):
-        ids = {s.id: s.width for s in sets}
-        out = {}
-        for key, value in labels.items():
-            if not (isinstance(key, tuple) and len(key) == 2 and isinstance(value, (tuple, list)) and len(value) == 2):
-                raise VillesError("labels must map (set id, unit index) to (concept, score)")
-            if key[0] in ids:
-                out[(key[0], int(key[1]))] = (str(value[0]), float(value[1]))
-    else:
-        out = labels_from_rows(labels, sets)
-    if labels and not out:
+    scored = unit_labels(labels)  # (kind, hook, index) -> (concept, Mono1)
+    out: dict[tuple[str, int], tuple[str, float]] = {}
+    for s in sets:
+        kinds = _LABEL_KINDS[s.kind]
+        if not any(k in kinds and h == s.hook for k, h, _ in scored):
+            continue
+        if s.kind == "feature":
+            out.update({(s.id, i): lab for i, lab in sae_labels(labels, s.sae, s.hook).items()})
+            continue
+        for (kind, hook, index), lab in scored.items():
+            if kind not in kinds or hook != s.hook or (s.kind == "direction" and index >= s.width):
+                continue  # (residual rows i >= d are the negative directions -e_(i-d))
+            if not 0 <= index < s.width:
+                raise VillesError(
+                    f"label for {kind} {index} on {hook} is out of range ({s.width} units): the labels score "
+                    "another model"
+                )
+            out[(s.id, index)] = lab
+    if scored and not out:
         hooks = ", ".join(sorted({s.hook for s in sets}))
         raise VillesError(f"none of the labels match the units built (on {hooks}): labels of another model or SAE?")
     return out
@@ -1059,7 +1044,7 @@ def dashboards(
     names: Sequence[str] | None = None,
     regions: Sequence[str] | None = None,
     settings: DashboardSettings = DashboardSettings(),
-    labels: Labels | Sequence[Mapping] | Path | str | None = None,
+    labels: Mapping[tuple[str, int], tuple[str, float]] | Sequence[Mapping] | Path | str | None = None,
     export: str | None = None,
     tokenizer: CharTokenizer | None = None,
     progress: bool = True,

@@ -45,14 +45,25 @@ FAST = DashboardSettings(
     n_generate=2,
     n_neighbours=3,
 )
-LABEL_ROWS = [  # interp.monosemanticity's rows (the fields the slot reads, plus a few it ignores)
-    {"kind": "feature", "hook": "blocks.0.hook_resid_post", "index": 0, "concept": "char=a", "mono1": 0.812},
-    {"kind": "feature", "hook": "blocks.0.hook_resid_post", "index": 1, "concept": None, "mono1": None},
-    {"kind": "neuron", "hook": "blocks.0.mlp.hook_post", "index": 3, "concept": "prev=<bos>", "mono1": 0.5},
-    {"kind": "residual", "hook": "blocks.0.hook_resid_post", "index": 2, "concept": "pos=1", "mono1": 0.25},
-    {"kind": "residual", "hook": "blocks.0.hook_resid_post", "index": 18, "concept": "pos=2", "mono1": 0.3},
-    {"kind": "random_direction", "hook": "blocks.0.hook_resid_post", "index": 0, "concept": "char=b", "mono1": 0.1},
-]
+
+
+def label_rows(d_sae=32, hook="blocks.0.hook_resid_post"):
+    """interp.monosemanticity's rows (the fields the slot reads): every feature of a d_sae SAE (scored or not), a
+    neuron, two residual rows (+e_2 and -e_2 when d = 16) and a control, which the slot leaves out."""
+    row = {"kind": "feature", "hook": hook, "concept": None, "mono1": None}
+    rows = [{**row, "index": i} for i in range(d_sae)]
+    rows[0].update(concept="char=a", mono1=0.812)
+    return rows + [
+        {"kind": "neuron", "hook": "blocks.0.mlp.hook_post", "index": 3, "concept": "prev=<bos>", "mono1": 0.5},
+        {"kind": "residual", "hook": "blocks.0.hook_resid_post", "index": 2, "concept": "pos=1", "mono1": 0.25},
+        {"kind": "residual", "hook": "blocks.0.hook_resid_post", "index": 18, "concept": "pos=2", "mono1": 0.3},
+        {"kind": "random_direction", "hook": hook, "index": 0, "concept": "char=b", "mono1": 0.1},
+    ]
+
+
+LABEL_ROWS = label_rows()
+
+
 NP_FIELDS = {
     "feature_index",
     "neuron_alignment_indices",
@@ -507,7 +518,7 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
         names=names,
         regions=regions_for(names),
         settings=FAST,
-        labels=LABEL_ROWS,
+        labels=label_rows(24),
         export="neuronpedia",
         progress=False,
         tokenizer=tok,
@@ -572,27 +583,37 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
 
 
 def test_labels(tiny, tmp_path):
+    from interp.monosemanticity import sae_fingerprint
+
     model, _ = tiny
-    sets = unit_sets_for(model, make_sae(), units=range(4), neurons=True)
+    sae = make_sae()
+    sets = unit_sets_for(model, sae, units=range(4), neurons=True)
     want = {("sae", 0): ("char=a", 0.812), ("mlp0", 3): ("prev=<bos>", 0.5)}
     assert resolve_labels(LABEL_ROWS, sets) == want
     (tmp_path / "units.json").write_text(json.dumps(LABEL_ROWS), encoding="utf-8")
+    (tmp_path / "summary.json").write_text(json.dumps({"sae_fingerprint": sae_fingerprint(sae)}), encoding="utf-8")
     assert resolve_labels(tmp_path, sets) == want == resolve_labels(tmp_path / "units.json", sets)
     assert resolve_labels({("sae", 2): ("x", 1)}, sets) == {("sae", 2): ("x", 1.0)}
     resid = unit_sets_for(model, hook="blocks.0.hook_resid_post")
     assert resolve_labels(LABEL_ROWS, resid) == {("blocks.0.hook_resid_post", 2): ("pos=1", 0.25)}  # +e_2 only
-    other = [dict(LABEL_ROWS[0], hook="blocks.5.hook_resid_post")]
+    other_weights = tmp_path / "other"
+    other_weights.mkdir()
+    (other_weights / "units.json").write_text(json.dumps(LABEL_ROWS), encoding="utf-8")
+    (other_weights / "summary.json").write_text(json.dumps({"sae_fingerprint": "0" * 16}), encoding="utf-8")
     for bad, message in (
-        (other, "none of the labels match"),
-        ([dict(LABEL_ROWS[0], index=99)], "out of range"),
+        (label_rows(hook="blocks.5.hook_resid_post")[:1], "none of the labels match"),
+        (label_rows(16), "another SAE"),  # a report on a 16-latent SAE, shown on a 32-latent one
+        (other_weights, "another SAE"),  # same width, other weights (the report's fingerprint)
+        (label_rows()[:32] + [dict(LABEL_ROWS[32], index=99)], "out of range"),
         (tmp_path / "missing.json", "no such file"),
         (tmp_path / "nope", "no such file"),
     ):
         with pytest.raises(VillesError, match=message):
             resolve_labels(bad, sets)
-    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
+    (tmp_path / "bad" / "units.json").parent.mkdir()
+    (tmp_path / "bad" / "units.json").write_text("{", encoding="utf-8")
     with pytest.raises(VillesError, match="cannot read"):
-        resolve_labels(tmp_path / "bad.json", sets)
+        resolve_labels(tmp_path / "bad", sets)
 
 
 def test_units_beside_an_sae(tiny):
@@ -680,7 +701,7 @@ def test_cli_bad_input(capsys, tmp_path, tiny_transformer_dir, sae_dir):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     wrong_labels = tmp_path / "labels.json"
-    wrong_labels.write_text(json.dumps([dict(LABEL_ROWS[2], hook="blocks.0.hook_resid_post")]), encoding="utf-8")
+    wrong_labels.write_text(json.dumps([dict(LABEL_ROWS[32], hook="blocks.0.hook_resid_post")]), encoding="utf-8")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
