@@ -501,6 +501,14 @@ def page_data(path):
     return json.loads(m.group(1).replace("<\\/", "</"))
 
 
+def build(tiny, names, out, sae, units, **kwargs):
+    """The dashboards of an SAE's `units` and as many neurons of the tiny model, with the fast settings."""
+    model, tok = tiny
+    regions = regions_for(names)
+    return dashboards(model, sae, out=out, units=units, neurons=True, names=names, regions=regions, settings=FAST,
+                      progress=False, tokenizer=tok, **kwargs)  # fmt: skip
+
+
 def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
     model, tok = tiny
     names = tiny_corpus.names
@@ -509,20 +517,7 @@ def test_dashboards_folder(tiny, tiny_corpus, tmp_path):
     with torch.no_grad():  # one dead feature: never active, never shown as alive
         sae.W_enc[:, 7] = -10.0
         sae.b_enc[7] = -100.0
-    r = dashboards(
-        model,
-        sae,
-        out=out,
-        units=range(8),
-        neurons=True,
-        names=names,
-        regions=regions_for(names),
-        settings=FAST,
-        labels=label_rows(24),
-        export="neuronpedia",
-        progress=False,
-        tokenizer=tok,
-    )
+    r = build(tiny, names, out, sae, range(8), labels=label_rows(24), export="neuronpedia")
     assert r.pages == 16
     assert sorted(p.name for p in (out / "units").iterdir()) == ["mlp0", "sae"]
     assert len(list(out.rglob("plotly.min.js"))) == 1
@@ -763,19 +758,7 @@ def test_pages_render_in_chromium(tiny, tiny_corpus, tmp_path):
     model, tok = tiny
     names = tiny_corpus.names
     out = tmp_path / "dash"
-    dashboards(
-        model,
-        make_sae(),
-        out=out,
-        units=range(5),
-        neurons=True,
-        names=names,
-        regions=regions_for(names),
-        settings=FAST,
-        labels=LABEL_ROWS,
-        progress=False,
-        tokenizer=tok,
-    )
+    build(tiny, names, out, make_sae(), range(5), labels=LABEL_ROWS)
     profile = tmp_path / "profile"
     index = _chromium(profile, "--dump-dom", (out / "index.html").as_uri())
     page = out / "units" / "sae" / "1.html"  # alive, not dense
