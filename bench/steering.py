@@ -157,46 +157,56 @@ class Labels:
         return self.value
 
 
+def _effect(before: float, after: float, prop: str) -> float:
+    """Cohen's h of a rate (length: the change in characters)."""
+    if prop == "length":
+        return after - before
+    return 2 * math.asin(math.sqrt(after)) - 2 * math.asin(math.sqrt(before))
+
+
 def catalogue(model, tok, corpus, sae, labels: Labels, n: int, seed: int, quick: bool) -> list[dict]:
+    """Candidates: the best-scored features labelled with each property's concepts. Each is steered (added at a few
+    times its typical activation, or amplified where it fires) and every property is measured, since a feature that
+    reads a concept need not write it (the "just read a hyphen" feature changes what follows the hyphen, not how
+    many there are). Per property, the steering that changes it most within the cost budget is kept."""
     from interp.monosemanticity import units_for
 
     rows, mean_on = labels.get()
-
     settings = SampleSettings(n=n, seed=seed)
     base = unsteered_baseline(model, tok, settings)
-    out = []
-    for prop, concepts in PROPERTY_CONCEPTS.items():
-        labelled = sorted(
-            ((r["mono1"], r["index"], c) for c in concepts for r in units_for(rows, c)[:2]), reverse=True
-        )  # the best-scored features labelled with the property's concepts
-        candidates = list(dict.fromkeys((i, c) for _, i, c in labelled))[: 1 if quick else 2]
-        if not candidates:
-            log(f"catalogue {prop}: no feature is labelled with {', '.join(concepts)}")
+    candidates: dict[int, str] = {}
+    for concepts in PROPERTY_CONCEPTS.values():
+        labelled = sorted(((r["mono1"], r["index"], c) for c in concepts for r in units_for(rows, c)[:1]), reverse=True)
+        for _, i, c in labelled[: 1 if quick else 2]:
+            candidates.setdefault(i, c)
+    trials = []  # (feature, concept, edit, report)
+    for i, concept in candidates.items():
+        typical = float(mean_on[i])
+        for edit in (Edit("add", 1.5 * typical), Edit("add", 3 * typical), Edit("scale", 4.0)):
+            rep = effect_report(model, tok, corpus, feature_hooks(model, sae, {i: edit}), n=n, seed=seed, base=base)
+            trials.append((i, concept, edit, rep))
+            log(f"catalogue: feature {i} ({concept}) {edit.op} {edit.value:.2f}: cost {rep.cost:+.3f}")
+    # largest effects first, each property and each feature at most once (so that the catalogue shows many features)
+    scored = sorted(
+        (
+            (abs(_effect(_rate(r.names_base, prop), _rate(r.names_steered, prop), prop)), prop, i, c, e, r)
+            for prop in PROPERTY_CONCEPTS
+            for i, c, e, r in trials
+            if r.cost <= BUDGET and r.novelty_steered >= MIN_NOVELTY
+        ),
+        key=lambda t: -t[0],
+    )
+    out, done, used = [], set(), set()
+    for _, prop, i, concept, edit, rep in scored:
+        if prop in done or i in used:
             continue
-        best = None
-        for i, concept in candidates:
-            typical = float(mean_on[i])
-            # add: the feature's typical activation, everywhere; scale: amplify it where it already fires (endings
-            # are decided late: amplifying in context works where adding everywhere writes the ending too early)
-            edits = [Edit("add", typical), Edit("scale", 4.0)]
-            if not quick:
-                edits += [Edit("add", 2 * typical)]
-            for edit in edits:
-                rep = effect_report(model, tok, corpus, feature_hooks(model, sae, {i: edit}), n=n, seed=seed, base=base)
-                before, after = _rate(rep.names_base, prop), _rate(rep.names_steered, prop)
-                within = rep.cost <= BUDGET and rep.novelty_steered >= MIN_NOVELTY
-                key = (within, abs(after - before) / (max(before, 0.02) if prop != "length" else 1.0))
-                if best is None or key > best[0]:
-                    best = (key, i, concept, edit, rep, before, after)
-        _, i, concept, edit, rep, before, after = best
+        done.add(prop)
+        used.add(i)
+        before, after = _rate(rep.names_base, prop), _rate(rep.names_steered, prop)
         ablated = effect_report(
             model, tok, corpus, feature_hooks(model, sae, {i: Edit("ablate", 0.0)}), n=n, seed=seed, base=base
         )
-        abl = _rate(ablated.names_steered, prop)
         fmt = (lambda v: f"{v:.2f}") if prop == "length" else (lambda v: f"{v:.1%}")
-        effect = (
-            after - before if prop == "length" else 2 * math.asin(math.sqrt(after)) - 2 * math.asin(math.sqrt(before))
-        )
         label = next(r for r in rows if r["kind"] == "feature" and r["index"] == i)
         out.append(
             {
@@ -206,16 +216,22 @@ def catalogue(model, tok, corpus, sae, labels: Labels, n: int, seed: int, quick:
                 "steering": f"{edit.op} {edit.value:.2f}",
                 "unsteered": fmt(before),
                 "steered": fmt(after),
-                "effect": f"{effect:+.2f}" + (" chars" if prop == "length" else " h"),
-                "ablated": fmt(abl),
+                "effect": f"{_effect(before, after, prop):+.2f}" + (" chars" if prop == "length" else " h"),
+                "ablated": fmt(_rate(ablated.names_steered, prop)),
                 "cost": f"{rep.cost:+.3f}",
                 "KL": f"{rep.kl:.3f}",
                 "novelty": f"{rep.novelty_steered:.0%}",
-                "example": next((s for s in rep.names_steered if s not in rep.names_base), ""),
+                "example": next((s for s in rep.names_steered if s not in rep.names_base and _has(s, prop)), ""),
             }
         )
         log(f"catalogue {prop}: feature {i} ({concept}) {fmt(before)} -> {fmt(after)} (cost {rep.cost:+.3f})")
-    return out
+    return sorted(out, key=lambda r: -abs(float(r["effect"].split()[0])))
+
+
+def _has(name: str, prop: str) -> bool:
+    from interp.steering import PROPERTIES
+
+    return True if prop == "length" else PROPERTIES[prop](name)
 
 
 # --- regions ----------------------------------------------------------------------------------------------------------

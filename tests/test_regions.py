@@ -80,6 +80,8 @@ def test_unknown_region(corpus, model):
         collect_region_sample(m, tok, corpus, "bretagne", ["blocks.0.hook_resid_pre"])
     with pytest.raises(VillesError, match="unknown region"):
         fit_region_vectors(m, tok, corpus, "Bretagn", steps=1)
+    with pytest.raises(VillesError, match="nothing to fit"):
+        fit_region_vectors(m, tok, corpus, "Bretagne", steps=1, accept=lambda names: [False] * len(names))
     with pytest.raises(VillesError, match="unknown region"):
         region_steering_hooks(m, tok, corpus, "")
     with pytest.raises(VillesError, match="unknown region steering method"):
@@ -138,8 +140,9 @@ def test_region_directions_and_features(corpus, model):
 def test_fitted_vectors_make_the_region_likelier(corpus, model):
     m, tok = model
     fitted = fit_region_vectors(
-        m, tok, corpus, "Bretagne", ["blocks.0.hook_resid_pre"], first=2, steps=50, batch_size=32, lr=0.05
-    )
+        m, tok, corpus, "Bretagne", ["blocks.0.hook_resid_pre"], first=2, steps=50, batch_size=32, lr=0.05,
+        accept=lambda names: [n.startswith(("p", "k", "l")) for n in names],  # a subset of the region's names
+    )  # fmt: skip
     last = fitted.history[-1]
     assert last["val_nll_steered"] < last["val_nll_clean"]
     tokens = tok.batch(["abbaye", "saint-denis"], drop_unknown=True)
