@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -142,11 +143,10 @@ def frontier_figure(rows: list[dict], shipped: list[dict], title: str):
             go.Scatter(
                 x=[r["_metrics"]["l0"]],
                 y=[r["_metrics"]["loss_recovered"]],
-                mode="markers+text",
+                mode="markers",
                 marker={"symbol": "star", "size": 16},
-                text=[f"{r['folder']} ({r['d_sae']} latents)"],
-                textposition="bottom center",
-                name=f"{r['folder']}: {r['arch']} {r['sparsity']}",
+                hovertext=[f"{r['folder']}: {r['d_sae']} latents, EV {r['EV']}, dead {r['dead']}, KL {r['KL']}"],
+                name=f"{r['folder']}: {r['arch']} {r['sparsity']}, {r['d_sae']} latents",
             )
         )
     for arch in dict.fromkeys(r["arch"] for r in rows):
@@ -155,23 +155,32 @@ def frontier_figure(rows: list[dict], shipped: list[dict], title: str):
             go.Scatter(
                 x=[r["_metrics"]["l0"] for r in points],
                 y=[r["_metrics"]["loss_recovered"] for r in points],
-                mode="lines+markers+text",
-                text=[r["sparsity"] for r in points],
-                textposition="top center",
-                name=arch,
-                hovertext=[f"EV {r['EV']}, dead {r['dead']}, KL {r['KL']}" for r in points],
+                mode="lines+markers",
+                name=f"{arch} ({points[0]['d_sae']} latents)",
+                hovertext=[f"{r['sparsity']}: EV {r['EV']}, dead {r['dead']}, KL {r['KL']}" for r in points],
             )
         )
     fig.add_hline(y=0.97, line_dash="dot", annotation_text="target: recovered ≥ 0.97")
     fig.add_vline(x=8, line_dash="dot", annotation_text="L0 ≤ 8")
+    # an explicit range: plotly's autorange reads a vline on a log axis as log10(x), stretching the axis to 1e8
+    l0 = [r["_metrics"]["l0"] for r in [*rows, *shipped]] or [8.0]
     fig.update_layout(
         title=title,
-        xaxis={"title": "L0 (active latents per token)", "type": "log"},
+        xaxis={
+            "title": "L0 (active latents per token)",
+            "type": "log",
+            "range": [math.log10(min(*l0, 8) / 1.3), math.log10(max(*l0, 8) * 1.3)],
+        },
         yaxis={"title": "loss recovered (validation)"},
         width=900,
         height=560,
     )
     return fig
+
+
+def from_json(path: Path, d_in: int) -> list[dict]:
+    """The rows of an earlier sweep (its --json file), to redraw the frontier without training again."""
+    return [row(SAESettings(**m["settings"]), d_in, m, m, m["train_seconds"]) for m in json.loads(path.read_text())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-tokens", type=int, default=4_000_000, help="for the 64->512 speed rows (0: skip them)")
     p.add_argument("--html", type=Path, default=ROOT / "out" / "sae_frontier.html")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "sae_sweep.json")
+    p.add_argument("--from-json", type=Path, default=None, help="redraw the frontier of an earlier sweep's --json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nShipped SAEs (validation split)")
         print(format_table(shipped, ["folder", *COLUMNS]), flush=True)
     base = replace(DEFAULT, hook=hook, expansion=args.expansion, batch_size=args.batch_size, tokens=args.tokens)
-    rows = []
-    for arch, sparsity in GRIDS[args.grid]:
+    rows = from_json(args.from_json, d_in) if args.from_json else []
+    for arch, sparsity in [] if args.from_json else GRIDS[args.grid]:
         settings = replace(base, arch=arch, **sparsity)
         start = time.perf_counter()
         training_sae, speed = train_sae(acts, settings, {"hook_name": hook}, progress=False)
@@ -232,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_table(rows, COLUMNS))
         args.html.parent.mkdir(parents=True, exist_ok=True)
-        title = f"SAE frontier: {hook} of {args.checkpoint}, {args.expansion}x sweep"
+        title = f"SAE frontier on {hook} of {args.checkpoint.name}: architectures x sparsity, same activations"
         frontier_figure(rows, shipped, title).write_html(args.html)
-        args.json.write_text(json.dumps([r["_metrics"] for r in rows], indent=1))
+        if not args.from_json:
+            args.json.write_text(json.dumps([r["_metrics"] for r in rows], indent=1))
         print(f"frontier: {args.html}; rows: {args.json}")
     return 0
 
