@@ -121,15 +121,16 @@ class UnitSet:
         return self.read(act), None
 
     def _read_topk(self, act: Float[Tensor, "n d"]):
-        from sae_lens import TopKSAE
+        from interp.monosemanticity import _plain_topk  # the one test of "encode = pre-activation -> TopK"
 
         sae = self.sae
-        if not isinstance(sae, TopKSAE) or getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        k = _plain_topk(sae)
+        if k is None:
             self._topk = False
             return None
         with torch.no_grad():
             pre = torch.addmm(sae.b_enc, sae.process_sae_in(act), sae.W_enc)
-            vals, cols = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+            vals, cols = pre.topk(k, dim=-1, sorted=False)
             vals = vals.relu_()
             dense = pre.zero_().scatter_(-1, cols, vals).float()
             keep = vals > 0
