@@ -1,17 +1,23 @@
 """The steering benchmark: the region classifier (the measuring stick), a catalogue of SAE features whose steering
 changes a named property, and region steering (success against plausibility cost, per method).
 
-    python bench/steering.py [--checkpoint checkpoints/transformer] [--sae checkpoints/sae] [--n 400] [--seed 0]
-                             [--quick] [--skip-catalogue] [--skip-regions] [--json out/bench/steering.json]
+    python bench/steering.py [--checkpoint checkpoints/transformer] [--sae checkpoints/sae] [--n 300] [--seed 0]
+                             [--quick] [--skip-classifier] [--skip-catalogue] [--skip-regions] [--regions R1,R2]
 
 Definitions (as in issue 7):
 - success: share of generated names the region classifier assigns to the target region (argmax);
 - cost: NLL per character of the steered names under the unsteered model, minus that of unsteered samples drawn with
   the same seed (nats/char);
 - novelty: share of generated names that are not a commune name of the corpus.
-The catalogue's features are chosen automatically: for each named property, concept labels per character position
-(computed here from the spelling; the concept bank will supply them later) rank the SAE's features by F1, the best
-candidates are steered, and the one that changes the property most within the cost budget is kept.
+The catalogue's features are chosen automatically: the monosemanticity scores (`interp.monosemanticity`, against the
+concept bank of `interp.concepts`) label every SAE feature; for each property, the best-scored features labelled with
+its concepts are steered, every property is measured, and per property the steering that changes it most within the
+cost budget is kept (each feature at most once). Region SAE features come from the same labels (name-level region
+concepts). `--quick` (the numbers reported for issue 7, on a shared 2-core machine) steers one candidate per
+property and sweeps fewer settings; the labels are cached in out/bench/steering_labels.json (parallel runs share them):
+
+    python bench/steering.py --quick --skip-regions --n 300
+    python bench/steering.py --quick --skip-classifier --skip-catalogue --regions Bretagne --n 300
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ Steering methods (each returns `(hook_name, fn)` pairs from `interp.steering`):
   positions and <bos>); added as alpha × d, or clamped (the coordinate along d set to the region's mean, × alpha);
 - linear probe: a one-vs-rest logistic probe on the same activations; its weight vector, rescaled to the length of
   the difference of means so that strengths compare;
-- SAE features most associated with the region: the features with the highest lift (mean activation on the region's
-  names / mean on all names), clamped to alpha × their mean activation where the region's names fire them, or added.
-  (The concept bank of the monosemanticity work will supply region labels per feature; `region_features` is the
-  small stand-in computed here from activations.)
+- SAE features most associated with the region: the features whose name-level concept-bank label is the region
+  (`interp.monosemanticity` rows), else those with the highest lift (mean activation on the region's names / mean on
+  all names); clamped to alpha × their mean activation where the region's names fire them, or added;
+- fitted vectors: one vector per early position (and one shared by the rest) at the residual stream entering each
+  block, fitted by gradient descent (the model frozen) to make the region's names likely, optionally contrastively
+  (more likely than other regions' names). The only method measured to reach 30% for Bretagne within 0.5 nats/char.
 Each at every position or only the first few (`Where(first=k)`).
 """
 
