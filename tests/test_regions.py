@@ -141,7 +141,7 @@ def test_fitted_vectors_make_the_region_likelier(corpus, model):
     m, tok = model
     fitted = fit_region_vectors(
         m, tok, corpus, "Bretagne", ["blocks.0.hook_resid_pre"], first=2, steps=50, batch_size=32, lr=0.05,
-        accept=lambda names: [n.startswith(("p", "k", "l")) for n in names],  # a subset of the region's names
+        accept=lambda names: [i % 4 != 0 for i in range(len(names))],  # three quarters of the region's names
     )  # fmt: skip
     last = fitted.history[-1]
     assert last["val_nll_steered"] < last["val_nll_clean"]
