@@ -293,3 +293,143 @@ def test_shipped_sae_meets_the_issue_target():
     recorded = json.loads((SHIPPED / "sae" / "metrics.json").read_text())
     assert recorded["l0"] <= 8 and recorded["explained_variance"] >= 0.95 and recorded["dead_fraction"] <= 0.02
     assert recorded["loss_recovered"] >= 0.97
+
+
+# --- resuming an interrupted run ----------------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def crash_after_saving(monkeypatch):
+    """crash_after_saving(step, ...): the next save of resume state at each of these steps is followed by a crash,
+    as if the run were killed right then."""
+    from training import checkpoint as ckpt
+
+    save, steps = ckpt.save_state, set()
+
+    def save_then_crash(folder, step, tensors, info):
+        save(folder, step, tensors, info)
+        if step in steps:
+            steps.discard(step)
+            raise Interrupted(step)
+
+    monkeypatch.setattr(ckpt, "save_state", save_then_crash)
+    return steps.update
+
+
+def test_batch_stream_restarts_at_any_step():
+    from training.sae import cached_batches
+
+    acts = torch.arange(50.0).unsqueeze(-1)  # 6 batches of 8 per pass
+    stream = cached_batches(acts, 8, seed=4)
+    batches = [next(stream) for _ in range(20)]
+    for start in (0, 5, 6, 13):
+        restarted = cached_batches(acts, 8, seed=4, start=start)
+        assert all(torch.equal(next(restarted), b) for b in batches[start:])
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "standard"])
+def test_interrupted_training_resumes_bit_identically(arch, tmp_path, crash_after_saving):
+    """Crashes during the sparsity warm-up and the learning-rate decay; each rerun continues from the last state and
+    the end is the uninterrupted run's SAE, bit for bit (weights, buffers, dead-latent statistics)."""
+    x = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0)) @ torch.randn(8, 8)
+    sparsity = {"l1": 0.5} if arch == "standard" else {"k": 2}
+    settings = SAESettings(arch=arch, d_sae=16, tokens=40 * 256, batch_size=256, seed=1, **sparsity)
+    straight, speed = train_sae(x, settings, progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written without a state folder
+    crash_after_saving({9, 36})  # 8 batches a pass: step 9 is in the second pass; the last 8 steps decay
+    for expected in (9, 36):
+        with pytest.raises(Interrupted):
+            train_sae(x, settings, progress=False, state_dir=tmp_path, checkpoint_every=3)
+        assert json.loads((tmp_path / "state.json").read_text()) == {"current": f"state-{expected}"}
+        assert {p.suffix for p in (tmp_path / f"state-{expected}").iterdir()} == {".json", ".safetensors"}
+    resumed, resumed_speed = train_sae(x, settings, progress=False, state_dir=tmp_path, checkpoint_every=3)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_speed["train_tokens"] == speed["train_tokens"] == 40 * 256
+    assert resumed.cfg.metadata.l0 == straight.cfg.metadata.l0
+    assert resumed.cfg.metadata.num_dead_features == straight.cfg.metadata.num_dead_features
+    again, _ = train_sae(x, settings, progress=False, state_dir=tmp_path)  # from the last step's state: nothing left
+    assert torch.equal(again.W_dec, straight.W_dec) and torch.equal(again.b_dec, straight.b_dec)
+    with pytest.raises(VillesError, match="on other activations"):
+        train_sae(2 * x, settings, progress=False, state_dir=tmp_path)
+
+
+SAE_FLAGS = ("--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "150000", "--batch-size", "512")
+TIMINGS = {"train_seconds", "tokens_per_second", "tokens_per_cpu_second"}
+
+
+def assert_same_sae_folder(a, b):
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "sae_weights.safetensors"), load_file(b / "sae_weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((a / "cfg.json").read_text()) == json.loads((b / "cfg.json").read_text())
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in ma.items() if k not in TIMINGS} == {k: v for k, v in mb.items() if k not in TIMINGS}
+    assert sorted(p.name for p in a.iterdir()) == ["cfg.json", "metrics.json", "sae_weights.safetensors"]
+
+
+def kill_once_saved(argv: list[str], folder) -> None:
+    """Run `villes *argv` in a child process (one thread, as here) and kill -9 it once it has saved resume state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "training.cli", *argv], env=env)
+    try:
+        for _ in range(24_000):  # two minutes at most
+            if (folder / "state.json").exists() or child.poll() is not None:
+                break
+            time.sleep(0.005)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def test_sae_training_resumes_after_kill(tmp_path, tiny_transformer_dir, tiny_sae):
+    """kill -9 `villes train sae` after its first saved state; the same command again finishes the run, and its
+    folder is the uninterrupted run's (tiny_sae, trained in this process with the same flags) bit for bit."""
+    from sae_lens import SAE
+
+    killed = tmp_path / "killed"
+    argv = ["train", "sae", "--checkpoint", str(tiny_transformer_dir), *SAE_FLAGS, "--out", str(killed), "--json"]
+    kill_once_saved([*argv, "--checkpoint-every", "5"], killed)
+    assert (killed / "state.json").exists(), "the run ended before it saved any state"
+    assert not (killed / "metrics.json").exists()
+    assert main(argv) == 0
+    assert_same_sae_folder(killed, tiny_sae[0])
+    SAE.load_from_disk(killed)
+
+
+def test_resume_flag_and_mismatched_resumes(
+    capsys, tmp_path, tiny_transformer_dir, other_checkpoint, crash_after_saving
+):
+    """An interrupted run continues with --resume DIR alone; other settings or another model: one line, status 2,
+    and the interrupted run untouched."""
+    out = tmp_path / "sae"
+    model = ["--checkpoint", tiny_transformer_dir]
+    train = ["train", "sae", *SAE_FLAGS, "--out", out, "--checkpoint-every", "40", "--json"]
+    crash_after_saving({80})
+    with pytest.raises(Interrupted):
+        villes(capsys, *train, *model)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    mismatches = [
+        ([*train, *model, "--k", "5"], "(settings.k was '4.0', now '5.0')"),
+        (["train", "sae", "--resume", out, "--lr", "0.01"], "(settings.lr was '0.003', now '0.01')"),
+        (["train", "sae", "--resume", out, "--checkpoint", other_checkpoint], "(d_in was '16', now '8')"),
+        (["train", "sae", "--resume", tmp_path / "nothing"], "holds no interrupted SAE run"),
+    ]
+    for argv, message in mismatches:
+        code, _, err = villes(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}  # the interrupted run is untouched
+    code, out_text, _ = villes(capsys, "train", "sae", "--resume", out, "--json")
+    assert code == 0 and json.loads(out_text)["l0"] == pytest.approx(4.0)
+    assert not list(out.glob("state*"))
+    code, again, _ = villes(capsys, "train", "sae", "--resume", out, "--json")  # finished: says so, changes nothing
+    assert code == 0 and json.loads(again) == json.loads(out_text)

@@ -17,6 +17,11 @@ Folder (`train_sae_to_folder`):
     cfg.json, sae_weights.safetensors   SAELens's inference folder: `sae_lens.SAE.load_from_disk(DIR)` loads it as is.
                                         Its metadata names the hook, the model checkpoint and the sha256 of its weights.
     metrics.json                        validation metrics (see `evaluate_sae`) and training speed
+    state.json, state-<step>/           resume state while training (`training.checkpoint.save_state`): the training
+                                        SAE, Adam, the schedulers, the trainer's counters and dead-latent statistics,
+                                        the activation scale and the position in the batch stream, as safetensors and
+                                        JSON. A rerun continues from it with bit-identical results; the finished folder
+                                        replaces the whole folder, state included.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -191,14 +197,19 @@ def collect_activations(
 
 # --- training ------------------------------------------------------------------------------------------------------
 def cached_batches(
-    acts: Float[Tensor, "tokens d_in"], batch_size: int, seed: int = 0
+    acts: Float[Tensor, "tokens d_in"], batch_size: int, seed: int = 0, start: int = 0
 ) -> Iterator[Float[Tensor, "batch d_in"]]:
-    """Endless shuffled batches from an in-memory cache (a SAELens DataProvider); each pass is a new permutation."""
+    """Endless shuffled batches from an in-memory cache (a SAELens DataProvider); each pass is a new permutation.
+    `start`: begin at that batch of the stream (a resumed run): the skipped passes' permutations are drawn, not used."""
     gen = torch.Generator().manual_seed(seed)
+    skipped_passes, offset = divmod(start, len(acts) // batch_size)
+    for _ in range(skipped_passes):
+        torch.randperm(len(acts), generator=gen)
     while True:
         perm = torch.randperm(len(acts), generator=gen)
-        for start in range(0, len(acts) - batch_size + 1, batch_size):
-            yield acts[perm[start : start + batch_size]]
+        for first in range(offset * batch_size, len(acts) - batch_size + 1, batch_size):
+            yield acts[perm[first : first + batch_size]]
+        offset = 0
 
 
 @functools.cache
@@ -304,18 +315,165 @@ def _quiet_trainer(progress: bool):
             m.tqdm = original
 
 
+# --- resume state ---------------------------------------------------------------------------------------------------
+STATE_FORMAT = "villes-sae-state-1"
+
+
+@dataclass
+class _StateWriter:
+    """Writes resume state into `folder` every `every` steps and after the last one."""
+
+    folder: Path
+    every: int
+    steps: int
+    run: dict
+    started: tuple[float, float]  # perf_counter and process_time when the run began, earlier sessions included
+
+    def after_step(self, trainer, step: int) -> None:
+        if step % self.every and step != self.steps:
+            return
+        tensors, info = _trainer_state(trainer, step)
+        info |= {
+            "format": STATE_FORMAT,
+            "run": self.run,
+            "seconds": time.perf_counter() - self.started[0],
+            "cpu_seconds": time.process_time() - self.started[1],
+        }
+        ckpt.save_state(self.folder, step, tensors, info)
+
+
+@functools.cache
+def _resumable_trainer_class() -> type:
+    """SAELens's SAETrainer, writing villes resume state at its own per-step checkpoint seam.
+
+    SAETrainer calls `_checkpoint_if_needed` after each step (weights, Adam, schedulers and statistics updated, the
+    step not yet counted). Its own checkpoints pickle the trainer state (torch.save); this one writes safetensors and
+    JSON through `_StateWriter`, and nothing at all without one (in-memory training)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    class ResumableSAETrainer(SAETrainer):
+        writer: _StateWriter | None = None
+
+        def _checkpoint_if_needed(self) -> None:
+            if self.writer is not None:
+                self.writer.after_step(self, self.n_training_steps + 1)
+
+    return ResumableSAETrainer
+
+
+def _trainer_state(trainer, step: int) -> tuple[dict[str, Tensor], dict]:
+    """All a SAETrainer carries from one step to the next: what its save_trainer_state pickles, the training SAE
+    (buffers included, e.g. BatchTopK's threshold), the activation scale and the global RNG; tensors and JSON."""
+    from training.lm import _optimizer_tensors
+
+    tensors = {f"sae.{k}": v for k, v in trainer.sae.state_dict().items()}
+    tensors |= _optimizer_tensors(trainer.optimizer)
+    tensors |= {
+        "act_freq_scores": trainer.act_freq_scores,
+        "n_forward_passes_since_fired": trainer.n_forward_passes_since_fired,
+        "rng.torch": torch.get_rng_state(),
+    }
+    info = {
+        "n_training_steps": step,  # also the number of batches drawn from the stream
+        "n_training_samples": trainer.n_training_samples,
+        "n_frac_active_samples": trainer.n_frac_active_samples,
+        "started_fine_tuning": trainer.started_fine_tuning,
+        "scaling_factor": trainer.activation_scaler.scaling_factor,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups],
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "coefficient_schedulers": {name: c.state_dict() for name, c in trainer.coefficient_schedulers.items()},
+    }
+    return tensors, info
+
+
+def _restore_trainer(trainer, tensors: dict[str, Tensor], info: dict, where: Path) -> None:
+    from training.lm import _load_optimizer
+
+    sae_tensors = {k.removeprefix("sae."): v for k, v in tensors.items() if k.startswith("sae.")}
+    ckpt.load_state_dict_strict(trainer.sae, sae_tensors, where)
+    _load_optimizer(trainer.optimizer, tensors)
+    for group, saved in zip(trainer.optimizer.param_groups, info["param_groups"], strict=True):
+        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
+    trainer.lr_scheduler.load_state_dict(info["lr_scheduler"])
+    for name, scheduler in trainer.coefficient_schedulers.items():
+        scheduler.load_state_dict(info["coefficient_schedulers"][name])
+    trainer.act_freq_scores = tensors["act_freq_scores"]
+    trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"]
+    for name in ("n_training_steps", "n_training_samples", "n_frac_active_samples", "started_fine_tuning"):
+        setattr(trainer, name, info[name])
+    trainer.activation_scaler.scaling_factor = info["scaling_factor"]
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def _run_identity(settings: SAESettings, d_in: int, metadata: dict[str, Any] | None) -> dict:
+    """What a resumed run must share with the interrupted one (as JSON reads it back)."""
+    return json.loads(json.dumps({"settings": asdict(settings), "d_in": d_in, "metadata": metadata or {}}))
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*new, *(k for k in old if k not in new)]:  # the settings first
+            found = _first_difference(old.get(key), new.get(key), f"{where}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{where.rstrip('.') or 'run'} was {str(old)[:40]!r}, now {str(new)[:40]!r}"
+
+
+def check_same_run(folder: Path, info: dict, run: dict) -> None:
+    """A VillesError naming the first difference when `folder`'s interrupted run is not `run`."""
+    difference = _first_difference(info.get("run"), run)
+    if difference:
+        raise VillesError(
+            f"{folder} holds an interrupted SAE run that differs from this one ({difference}): continue it with "
+            f"`villes train sae --resume {folder}`, or delete its state (state.json, state-*/) to start over"
+        )
+
+
+def read_sae_state(folder: Path | str) -> dict | None:
+    """The info of the SAE resume state in `folder` (step, run settings, ...); None when it holds none."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        return None
+    info = ckpt.read_json(folder / ckpt.read_json(folder / "state.json").get("current", "?") / "info.json")
+    return info if info.get("format") == STATE_FORMAT else None
+
+
+def _load_sae_state(folder: Path, run: dict, scale: float) -> tuple[dict[str, Tensor], dict] | None:
+    """The resume state in `folder` if it is this run's (on these activations), None if there is none."""
+    if read_sae_state(folder) is None:
+        if (folder / "state.json").is_file():
+            raise VillesError(f"{folder} holds resume state that is not an SAE's: choose another folder")
+        return None
+    tensors, info = ckpt.load_state(folder)
+    check_same_run(folder, info, run)
+    if not math.isclose(info["scaling_factor"], scale, rel_tol=1e-4):
+        raise VillesError(
+            f"{folder} holds an interrupted SAE run on other activations (their mean norm changed): delete its "
+            "state (state.json, state-*/) to start over"
+        )
+    return tensors, info
+
+
 def train_sae(
     acts: Float[Tensor, "tokens d_in"],
     settings: SAESettings,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
+    state_dir: Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> tuple[TrainingSAE, dict]:
-    """Train an SAE on cached activations with SAELens's SAETrainer; returns it and its speed."""
+    """Train an SAE on cached activations with SAELens's SAETrainer; returns it and its speed.
+
+    With `state_dir`, resume state is written there every `checkpoint_every` steps (default: a tenth of the run) and
+    after the last step, and a run interrupted there is continued, with the very weights an uninterrupted run gives
+    (it must be the same run: settings, metadata and activations). Without it, nothing is written."""
     from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
     if len(acts) < settings.batch_size:
         raise VillesError(f"only {len(acts)} activations for batches of {settings.batch_size}: lower --batch-size")
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise VillesError(f"--checkpoint-every must be positive, got {checkpoint_every}")
     sae = build_training_sae(settings, acts.shape[-1], metadata)
     steps = settings.tokens // settings.batch_size
     window = max(10, math.ceil(1_000_000 / settings.batch_size))  # "dead" = silent for about 1M tokens (3 passes)
@@ -331,17 +489,29 @@ def train_sae(
         dead_feature_window=window,
         feature_sampling_window=window,
     )
-    trainer = SAETrainer(cfg, sae, cached_batches(acts, settings.batch_size, settings.seed))
     # The scale to mean norm sqrt(d_in), exact over the whole cache (fit() estimates it only when unset, and folds
     # it into the weights at the end). A residual stream has a large mean: starting b_dec there lets the latents
     # see centred data from the first step.
     scale = math.sqrt(acts.shape[-1]) / acts.norm(dim=-1).mean().clamp(min=1e-8).item()
+    run = _run_identity(settings, acts.shape[-1], metadata)
+    resumed = _load_sae_state(state_dir, run, scale) if state_dir is not None else None
+    done = resumed[1]["n_training_steps"] if resumed else 0
+    trainer = _resumable_trainer_class()(cfg, sae, cached_batches(acts, settings.batch_size, settings.seed, done))
     trainer.activation_scaler.scaling_factor = scale
     if settings.b_dec_init == "mean":
         with torch.no_grad():
             sae.b_dec.copy_(acts.mean(0) * scale)
+    past = (0.0, 0.0)
+    if resumed:
+        _restore_trainer(trainer, *resumed, state_dir)
+        past = (resumed[1]["seconds"], resumed[1]["cpu_seconds"])
+        if progress:
+            print(f"continuing the SAE run in {state_dir} from step {done} of {steps}", file=sys.stderr)
     with _quiet_trainer(progress):
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start = time.perf_counter() - past[0], time.process_time() - past[1]
+        if state_dir is not None:
+            every = checkpoint_every or max(1, steps // 10)
+            trainer.writer = _StateWriter(Path(state_dir), every, steps, run, (start, cpu_start))
         trainer.fit()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     sae.eval()
@@ -483,13 +653,16 @@ def _is_sae_folder(folder: Path) -> bool:
 
 
 def check_output_folder(out: Path, checkpoint: Path | None = None) -> None:
-    """--out may be new, empty, or an SAE folder (replaced atomically); never a model checkpoint or other data."""
+    """--out may be new, empty, an SAE folder (replaced atomically) or an interrupted SAE run (continued); never a
+    model checkpoint or other data."""
     if checkpoint is not None and out.resolve() == checkpoint.resolve():
         raise VillesError(f"--out {out} is the model checkpoint itself: choose another folder")
     if out.exists() and not out.is_dir():
         raise VillesError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not _is_sae_folder(out):
-        raise VillesError(f"--out {out} holds something that is not an SAE folder: refusing to replace it")
+    # .state-tmp-*: a state folder a kill left half-written (never pointed at)
+    if out.is_dir() and any(not p.name.startswith(".state-tmp-") for p in out.iterdir()) and not _is_sae_folder(out):
+        if read_sae_state(out) is None:
+            raise VillesError(f"--out {out} holds something that is not an SAE folder: refusing to replace it")
 
 
 def train_sae_to_folder(
@@ -498,9 +671,11 @@ def train_sae_to_folder(
     out: Path | str,
     progress: bool = True,
     acts: Float[Tensor, "tokens d_in"] | None = None,
+    checkpoint_every: int | None = None,
 ) -> dict:
     """Train an SAE on a model checkpoint's train split and write its folder (metrics on the val split). `acts`:
-    that split's activations at the hook when the caller has them cached already (a sweep)."""
+    that split's activations at the hook when the caller has them cached already (a sweep). Resume state goes into
+    `out` every `checkpoint_every` steps (see `train_sae`); a run interrupted there is continued."""
     from training.data import load_corpus
     from training.neural import load_checkpoint
 
@@ -516,10 +691,6 @@ def train_sae_to_folder(
     settings.validate(d_in)
     info = config.get("corpus", {})
     corpus = load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True))
-    if acts is None:
-        acts = collect_activations(model, corpus.split_names("train"), hook)
-    elif acts.shape[-1] != d_in:
-        raise VillesError(f"cached activations are {acts.shape[-1]} wide, hook {hook!r} is {d_in}")
     metadata = {
         "model_name": f"villes/{checkpoint.name}",
         "hook_name": hook,
@@ -530,7 +701,14 @@ def train_sae_to_folder(
         "villes_positions": "characters (not <bos>, <eos> or padding): training.sae.sae_positions",
         "villes_settings": asdict(settings),
     }
-    training_sae, speed = train_sae(acts, settings, metadata, progress)
+    interrupted = read_sae_state(out)
+    if interrupted is not None:  # before the activations are computed: a mismatch fails at once
+        check_same_run(out, interrupted, _run_identity(settings, d_in, metadata))
+    if acts is None:
+        acts = collect_activations(model, corpus.split_names("train"), hook)
+    elif acts.shape[-1] != d_in:
+        raise VillesError(f"cached activations are {acts.shape[-1]} wide, hook {hook!r} is {d_in}")
+    training_sae, speed = train_sae(acts, settings, metadata, progress, out, checkpoint_every)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

@@ -35,17 +35,36 @@ def _table(metrics: dict, extra: tuple[str, ...] = ()) -> str:
 
 
 def cmd_train_sae(args) -> int:
-    from training.sae import SAESettings, train_sae_to_folder
+    from training.sae import METRICS_FILE, SAESettings, read_sae_state, train_sae_to_folder
 
     fields = ("hook", "arch", "d_sae", "expansion", "k", "l1", "tokens", "lr", "batch_size", "seed")
-    settings = SAESettings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
-    metrics = train_sae_to_folder(args.checkpoint, settings, args.out, progress=not args.json)
-    if args.json:
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    out, checkpoint = args.resume or args.out, args.checkpoint
+    if args.resume:  # the interrupted run's own settings and model; flags given too must agree with them
+        info = read_sae_state(out)
+        if info is None:
+            if not (out / METRICS_FILE).is_file():
+                raise VillesError(f"{out} holds no interrupted SAE run (no state.json): start one with --out")
+            from training.checkpoint import read_json
+
+            return _report_training(read_json(out / METRICS_FILE), out, args.json)  # finished already
+        given = {**info["run"]["settings"], **given}
+        checkpoint = checkpoint or _resolve_checkpoint(info["run"]["metadata"]["model_checkpoint"])
+    elif checkpoint is None:
+        raise VillesError("--checkpoint is required for a new run (or --resume DIR to continue one)")
+    metrics = train_sae_to_folder(
+        checkpoint, SAESettings(**given), out, not args.json, checkpoint_every=args.checkpoint_every
+    )
+    return _report_training(metrics, out, args.json)
+
+
+def _report_training(metrics: dict, out: Path, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(metrics, ensure_ascii=False))
         return 0
     print(
         f"{metrics['architecture']} SAE {metrics['d_in']}->{metrics['d_sae']} on {metrics['hook_name']} of "
-        f"{metrics['model_checkpoint']}, in {args.out} (validation split):"
+        f"{metrics['model_checkpoint']}, in {out} (validation split):"
     )
     print(_table(metrics, ("tokens_per_second",)))
     return 0
@@ -99,7 +118,9 @@ def add_sae_parsers(verbs, train_kinds) -> None:
     d = SAESettings()
 
     q = train_kinds.add_parser("sae", help="train a sparse autoencoder (SAELens) on a hook of a transformer checkpoint")
-    q.add_argument("--checkpoint", type=Path, required=True, help="transformer checkpoint folder")
+    q.add_argument(
+        "--checkpoint", type=Path, default=None, help="transformer checkpoint folder (--resume: the run's own)"
+    )
     q.add_argument("--hook", default=None, help="TransformerLens hook name (default blocks.{last}.hook_resid_post)")
     q.add_argument("--arch", choices=ARCHS, default=None, help=f"(default {d.arch})")
     width = q.add_mutually_exclusive_group()
@@ -124,7 +145,21 @@ def add_sae_parsers(verbs, train_kinds) -> None:
     q.add_argument("--lr", type=float, default=None, help=f"(default {d.lr:g})")
     q.add_argument("--batch-size", type=_positive_int, default=None, help=f"(default {d.batch_size})")
     q.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
-    q.add_argument("--out", type=Path, required=True, help="SAE folder to write (new, empty, or an SAE folder)")
+    where = q.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--out",
+        type=Path,
+        help="SAE folder to write (new, empty, or an SAE folder); the same command again continues an interrupted run",
+    )
+    where.add_argument(
+        "--resume", type=Path, help="continue the interrupted run in this folder, with its settings and checkpoint"
+    )
+    q.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help="steps between saves of the resume state (default: a tenth of the run)",
+    )
     q.add_argument("--json", action="store_true", help="print the metrics as JSON (and no progress bar)")
     q.set_defaults(func=cmd_train_sae)
 
