@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,8 +79,11 @@ class MonoSettings:
     n_random: int | None = None  # random directions; None: 2 × the SAE's d_in (as many as the basis units)
     topk: int | None = None  # neuron_topk's k; None: the SAE's k, else its mean L0 rounded
     seed: int = 0  # random directions
+    workers: int = 2  # threads scoring unit chunks side by side (torch releases the GIL; results do not depend on it)
 
     def validate(self) -> None:
+        if self.workers < 1:
+            raise VillesError(f"workers must be >= 1, got {self.workers}")
         if not 1 <= self.n_thresholds <= 1000:
             raise VillesError(f"n_thresholds must be in 1..1000, got {self.n_thresholds}")
         if self.dead_below < 0 or not 0 < self.dense_above <= 1:
@@ -591,7 +596,6 @@ def score(
     matrix with `concept_ids` (and optionally `families`); rows are positions, `name_ids` their name. A UnitSet with
     `ordered` gives its rows in `scorer.order` (pass that `scorer`, built on the same labels, name ids and settings).
     `timings`, when given, collects [wall s, CPU s] per "kind hook"."""
-    import time
 
     if isinstance(labels, Tensor):
         if concept_ids is None:
@@ -616,38 +620,52 @@ def score(
             raise VillesError(f"{name_labels.n_rows} name-level label rows but {n_names} names")
         name_scorer = Scorer(name_labels, torch.arange(n_names), settings)
         lengths = torch.bincount(name_ids, minlength=n_names).clamp(min=1).float()
+
+    def score_task(us: UnitSet, start: int, stop: int) -> tuple[dict, dict | None, float, float]:
+        t0 = (time.perf_counter(), time.thread_time())
+        ids = name_ids[scorer.order] if us.ordered else name_ids
+        sparse = us.entries(start, stop) if us.entries is not None else None
+        if sparse is not None and bool((sparse[2] < 0).any()):
+            sparse = None  # negative values: zero is not "inactive", every row counts
+        if sparse is not None:
+            r, c, v = sparse
+            if not torch.isfinite(v).all():
+                raise VillesError(f"{us.kind} activations hold NaN or infinite values")
+            out = scorer.score_sparse(r, c, v, stop - start, ordered=us.ordered)
+            sums = torch.zeros(n_names, stop - start).index_put_((ids[r], c.long()), v.float(), accumulate=True)
+        else:
+            chunk = us.chunk(start, stop)
+            if not torch.isfinite(chunk.sum(0)).all():  # a NaN or an infinity makes its column's sum one
+                raise VillesError(f"{us.kind} activations hold NaN or infinite values")
+            out = scorer.score_chunk(chunk, ordered=us.ordered)
+            sums = torch.zeros(n_names, chunk.shape[1]).index_add_(0, ids, chunk) if name_scorer else None
+            del chunk
+        name_out = None
+        if name_scorer is not None:
+            name_out = name_scorer.score_chunk(sums / lengths[:, None], greedy=False)
+        return out, name_out, time.perf_counter() - t0[0], time.thread_time() - t0[1]
+
+    tasks = [
+        (us, start, min(start + settings.unit_chunk, us.n_units))
+        for us in unit_sets
+        for start in range(0, us.n_units, settings.unit_chunk)
+    ]
     rows: list[dict] = []
-    with _progress(sum(u.n_units for u in unit_sets), "scoring units", progress) as bar:
-        for us in unit_sets:
-            t0 = (time.perf_counter(), time.process_time())
-            for start in range(0, us.n_units, settings.unit_chunk):
-                stop = min(start + settings.unit_chunk, us.n_units)
-                ids = name_ids[scorer.order] if us.ordered else name_ids
-                sparse = us.entries(start, stop) if us.entries is not None else None
-                if sparse is not None and bool((sparse[2] < 0).any()):
-                    sparse = None  # negative values: zero is not "inactive", every row counts
-                if sparse is not None:
-                    r, c, v = sparse
-                    if not torch.isfinite(v).all():
-                        raise VillesError(f"{us.kind} activations hold NaN or infinite values")
-                    out = scorer.score_sparse(r, c, v, stop - start, ordered=us.ordered)
-                    sums = torch.zeros(n_names, stop - start).index_put_((ids[r], c.long()), v.float(), accumulate=True)
-                else:
-                    chunk = us.chunk(start, stop)
-                    if not torch.isfinite(chunk.sum(0)).all():  # a NaN or an infinity makes its column's sum one
-                        raise VillesError(f"{us.kind} activations hold NaN or infinite values")
-                    out = scorer.score_chunk(chunk, ordered=us.ordered)
-                    sums = torch.zeros(n_names, chunk.shape[1]).index_add_(0, ids, chunk) if name_scorer else None
-                    del chunk
-                name_out = None
-                if name_scorer is not None:
-                    name_out = name_scorer.score_chunk(sums / lengths[:, None], greedy=False)
-                rows += _rows(us, start, out, scorer, name_out, name_scorer, settings)
-                bar.update(stop - start)
-            if timings is not None:
+    # chunks are independent and the scorer is read-only: `workers` threads take them in order (at most `workers`
+    # chunks of [rows, unit_chunk] floats in memory at once), the rows are assembled in task order
+    with (
+        _progress(sum(u.n_units for u in unit_sets), "scoring units", progress) as bar,
+        ThreadPoolExecutor(settings.workers) as pool,
+    ):
+        for (us, start, stop), (out, name_out, wall, cpu) in zip(
+            tasks, pool.map(lambda t: score_task(*t), tasks), strict=True
+        ):
+            rows += _rows(us, start, out, scorer, name_out, name_scorer, settings)
+            bar.update(stop - start)
+            if timings is not None:  # per task, summed: with several workers, more than the elapsed time
                 spent = timings.setdefault(f"{us.kind} {us.hook}", [0.0, 0.0])
-                spent[0] += time.perf_counter() - t0[0]
-                spent[1] += time.process_time() - t0[1]
+                spent[0] += wall
+                spent[1] += cpu
     return rows
 
 
@@ -1010,7 +1028,6 @@ def monosemanticity(
     """Score the SAE's features, every MLP neuron and the basis of the SAE's hook (± each direction) against the
     concept bank of `names`, with the controls (random directions, top-k neurons, `control_sae`'s features when
     given). Without an SAE, the basis and random directions are taken at the last residual stream."""
-    import time
 
     from interp.concepts import BankSettings, build_bank
     from training.sae import check_sae_fits, default_hook

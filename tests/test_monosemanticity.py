@@ -194,6 +194,12 @@ def test_fast_paths_agree_with_plain_ones(bank):
     assert sparse.entries is not None
     kw = {"name_labels": bank.name_labels, "settings": MonoSettings(unit_chunk=3)}
     assert score(sparse, bank.labels, bank.name_ids, **kw) == score(nonneg, bank.labels, bank.name_ids, **kw)
+    # chunks scored by one thread or by several: the same rows, in the same order
+    one = {"name_labels": bank.name_labels, "settings": MonoSettings(unit_chunk=1, workers=1)}
+    three = {"name_labels": bank.name_labels, "settings": MonoSettings(unit_chunk=1, workers=3)}
+    assert score(planted(bank), bank.labels, bank.name_ids, **one) == score(
+        planted(bank), bank.labels, bank.name_ids, **three
+    )
     # correlation from the entries of a non-negative unit = the dense formula
     x = torch.relu(torch.randn(2000, 3, generator=torch.Generator().manual_seed(2)))
     lab = torch.rand(2000, 3, generator=torch.Generator().manual_seed(3)) < 0.3

@@ -52,7 +52,10 @@ class DemoSettings:
     checkpoint: Path = ROOT / "checkpoints" / "transformer"
     sae: Path = ROOT / "checkpoints" / "sae"
     stages: tuple[str, ...] = STAGE_NAMES
-    max_names: int | None = None  # monosemanticity/dashboards read every name of the corpus; fewer for a quick run
+    max_names: int | None = None  # the dashboards read every name of the corpus; fewer for a quick run
+    # monosemanticity scores a seeded sample (the full corpus takes `bench/monosemanticity.py` about a minute more;
+    # its medians move by about 0.01 between samples of this size)
+    mono_names: int | None = 12_000
     novelty_samples: int = 1000  # ladder: samples per rung for the novelty column
     train_sample: int | None = 4000  # ladder: train NLL on a seeded sample of train names (None: all of them)
     steer_n: int = 200  # names generated per steering setting
@@ -106,16 +109,25 @@ class Context:
 
         return char_tokenizer(self.model)
 
-    @cached_property
-    def communes(self):
-        """The names monosemanticity and dashboards read: every name (or a seeded sample of max_names)."""
+    def sample(self, n: int | None) -> list:
+        """Every commune of the corpus, or a seeded sample of n of them (in corpus order)."""
         import random
 
         communes = self.corpus.split("all")
-        n = self.settings.max_names
-        if n is not None and n < len(communes):
-            communes = sorted(random.Random(self.settings.seed).sample(communes, n), key=communes.index)
-        return communes
+        if n is None or n >= len(communes):
+            return communes
+        return [communes[i] for i in sorted(random.Random(self.settings.seed).sample(range(len(communes)), n))]
+
+    @cached_property
+    def communes(self):
+        """The names the dashboards read: every name (or a seeded sample of max_names)."""
+        return self.sample(self.settings.max_names)
+
+    @cached_property
+    def mono_communes(self):
+        """The names monosemanticity scores: a seeded sample of mono_names (at most max_names)."""
+        sizes = [n for n in (self.settings.max_names, self.settings.mono_names) if n is not None]
+        return self.sample(min(sizes) if sizes else None)
 
 
 def _table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -178,7 +190,7 @@ def sae_stage(ctx: Context) -> tuple[str, str]:
 def monosemanticity_stage(ctx: Context) -> tuple[str, str]:
     from interp.monosemanticity import format_summary, monosemanticity, write_report
 
-    communes = ctx.communes
+    communes = ctx.mono_communes
     report = monosemanticity(ctx.model, ctx.sae, [c.name for c in communes], [c.region for c in communes],
                              controls=True, progress=ctx.progress)  # fmt: skip
     report.info.update(checkpoint=str(ctx.settings.checkpoint), sae=str(ctx.settings.sae), control_sae=None)
@@ -186,11 +198,12 @@ def monosemanticity_stage(ctx: Context) -> tuple[str, str]:
     ctx.rows = report.rows
     text = format_summary(report.summary)
     med = {s["kind"]: s["mono1"] for s in report.summary if s["mono1"] and not s["control"]}
-    ctx.summary["monosemanticity"] = "median Mono1 " + ", ".join(f"{k} {v[1]:.2f}" for k, v in med.items())
+    medians = ", ".join(f"{k} {v[1]:.2f}" for k, v in med.items())
+    ctx.summary["monosemanticity"] = f"{len(communes):,} names, median Mono1 {medians}"
     section = (
         "<h2 id='monosemanticity'>Monosemanticity</h2><p>Every unit scored against the automatic concept bank "
-        "(Mono1: held-out F1 of the best concept). Controls: random directions and top-k neurons; the random-model "
-        "SAE control needs a training run (<code>villes monosemanticity</code>).</p>"
+        f"of {len(communes):,} names (Mono1: held-out F1 of the best concept). Controls: random directions and "
+        "top-k neurons; the random-model SAE control needs a training run (<code>villes monosemanticity</code>).</p>"
         + _pre(text)
         + "<p><a href='monosemanticity/figures.html'>distributions (figures)</a> · "
         "<a href='monosemanticity/units.csv'>every unit (CSV)</a> · "
