@@ -44,6 +44,10 @@ CATALOGUE = {
     "-heim": ("suffix=-heim",),
 }
 REGIONS = ("Bretagne", "Grand Est")
+# the cheap directions that moved a region most within 0.5 nats/char in bench/steering.py (probe at the second
+# block's input: Grand Est 18.7% -> 42.7%); the fitted vectors that also move Bretagne need ~45 s of fitting each
+REGION_HOOK = "blocks.1.hook_resid_pre"
+REGION_ALPHA = {"diff-of-means": 4.0, "probe": 16.0}
 ATTRIBUTION_NAMES = ("saint-malo", "plougastel-daoulas", "villeneuve-sur-lot")
 
 
@@ -53,9 +57,8 @@ class DemoSettings:
     sae: Path = ROOT / "checkpoints" / "sae"
     stages: tuple[str, ...] = STAGE_NAMES
     max_names: int | None = None  # the dashboards read every name of the corpus; fewer for a quick run
-    # monosemanticity scores a seeded sample (the full corpus takes `bench/monosemanticity.py` about a minute more;
-    # its medians move by about 0.01 between samples of this size)
-    mono_names: int | None = 12_000
+    # monosemanticity: every name by default (≈ 35 s here); a seeded sample of 12,000 moves the medians by ≤ 0.01
+    mono_names: int | None = None
     novelty_samples: int = 1000  # ladder: samples per rung for the novelty column
     train_sample: int | None = 4000  # ladder: train NLL on a seeded sample of train names (None: all of them)
     steer_n: int = 200  # names generated per steering setting
@@ -276,9 +279,8 @@ def catalogue(ctx: Context) -> list[dict]:
 
 def region_table(ctx: Context) -> list[dict]:
     """Toward each region: the classifier's share of generated names in that region, unsteered and with a
-    difference-of-means or probe direction added at the embedding (interp.regions' defaults), with cost."""
+    difference-of-means or probe direction added at the second block's input (REGION_HOOK), with cost."""
     from interp.regions import (
-        DEFAULT_ALPHA,
         DEFAULT_HOOK,
         cached_classifier,
         collect_region_sample,
@@ -298,20 +300,21 @@ def region_table(ctx: Context) -> list[dict]:
         return []
     clf = cached_classifier(ctx.corpus)
     clean, nll_base = _baseline(ctx)
+    hook = REGION_HOOK if REGION_HOOK in ctx.model.hook_dict else DEFAULT_HOOK
     rows = []
     for region in regions:
         rows.append({
             "region": region, "method": "unsteered", "alpha": "", "success": f"{clf.share(clean.names, region):.1%}",
             "cost": "+0.000", "novelty": f"{novelty(clean.names, ctx.corpus):.0%}", "examples": "",
         })  # fmt: skip
-        sample = collect_region_sample(ctx.model, ctx.tokenizer, ctx.corpus, region, [DEFAULT_HOOK])
+        sample = collect_region_sample(ctx.model, ctx.tokenizer, ctx.corpus, region, [hook])
         for method, make in (("diff-of-means", diff_of_means), ("probe", probe_direction)):
-            alpha = DEFAULT_ALPHA[method]
-            hooks = direction_steering(ctx.model, make(sample, DEFAULT_HOOK), "add", alpha)
+            alpha = REGION_ALPHA[method]
+            hooks = direction_steering(ctx.model, make(sample, hook), "add", alpha)
             steered = sample_names(ctx.model, ctx.tokenizer, settings, fwd_hooks=hooks)
             total, count = tokens_nll(ctx.model, steered.tokens)
             rows.append({
-                "region": region, "method": f"{method} add @ {DEFAULT_HOOK}", "alpha": f"{alpha:g}",
+                "region": region, "method": f"{method} add @ {hook}", "alpha": f"{alpha:g}",
                 "success": f"{clf.share(steered.names, region):.1%}", "cost": f"{total / count - nll_base:+.3f}",
                 "novelty": f"{novelty(steered.names, ctx.corpus):.0%}", "examples": ", ".join(steered.names[:3]),
             })  # fmt: skip
@@ -332,7 +335,8 @@ def steering_stage(ctx: Context) -> tuple[str, str]:
     section = (
         "<h2 id='steering'>Steering</h2><p>Catalogue: for each property of a name, the best-scored SAE feature "
         "labelled with it, scaled by 4 where it fires; region table: directions toward a region added at the "
-        "embedding, success measured by the region classifier. The full benchmark: "
+        "second block's input, success measured by the region classifier (the fitted vectors that also move "
+        "Bretagne, and every other method, are in the full benchmark): "
         "<code>python bench/steering.py</code>; one intervention: <code>villes steer</code>.</p>"
         + _pre(text)
         + "<p><a href='steering.json'>steering.json</a></p>"
