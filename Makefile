@@ -30,7 +30,7 @@ test: lint
 
 # every walkthrough notebook, executed top to bottom (nbmake; a cell that runs past 120 s fails)
 notebooks: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=120 notebooks
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=120 --durations=0 notebooks
 
 bench: install
 	$(BIN)/python bench/ladder.py
