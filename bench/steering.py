@@ -23,7 +23,6 @@ property and sweeps fewer settings; the labels are cached in out/bench/steering_
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch
 
 from interp import regions as rg
 from interp.steering import (
-    Edit,
     Where,
-    effect_report,
-    feature_hooks,
+    feature_mean_when_active,
     load_sae_folder,
+    steering_catalogue,
     tokens_nll,
     unsteered_baseline,
 )
@@ -86,55 +84,17 @@ def classifier_section(corpus, cache: Path) -> tuple[object, list[dict], dict]:
     return clf, rows, summary
 
 
-# --- the catalogue ----------------------------------------------------------------------------------------------------
-# property (a measure of `interp.steering.PROPERTIES`, or length) -> the concept-bank concepts (`interp.concepts`) that
-# spell it; a concept id that the bank does not have simply finds no feature. The features are whatever the
-# monosemanticity scores label with these concepts: no index is chosen by hand.
-PROPERTY_CONCEPTS: dict[str, tuple[str, ...]] = {
-    "hyphen": ("char=-", "prev=-", "boundary=after_separator"),
-    "space": ("char=␣", "prev=␣", "last2=a␣", "last2=e␣"),
-    "apostrophe": ("char='", "prev='", "word=l", "word=d"),
-    "saint": ("word=saint", "word=sainte", "last3=^sa", "last3=sai", "last3=ain", "last3=int", "last2=^s"),
-    "article": ("word=le", "word=la", "word=les", "last2=^l", "last3=^le", "last3=^la"),
-    "-sur-": ("word=sur", "last3=-su", "last3=sur", "last3=ur-"),
-    "-y": ("char=y", "suffix=-ay", "suffix=-ey", "suffix=-gny", "suffix=-igny", "suffix=-illy", "suffix=-ry"),
-    "-ac": ("suffix=-ac", "suffix=-ignac", "suffix=-nac", "suffix=-sac", "last2=ac"),
-    "-heim": ("suffix=-heim", "last3=eim", "last3=hei"),
-    "-ville": ("suffix=-ville", "suffix=-eville", "suffix=-nville", "suffix=-rville", "word=ville", "last3=vil"),
-    "-court": ("suffix=-court", "suffix=-ncourt", "last3=cou", "last3=our", "last3=urt"),
-    "-viller(s)": ("suffix=-willer", "suffix=-iller", "last3=wil", "last3=ler"),
-    "-bach": ("suffix=-bach", "suffix=-ach", "last3=bac", "last3=ach"),
-    "-ec": ("suffix=-ec", "last2=ec"),
-    "length": ("position=12-17", "position=18+"),
-}
-
-
-def _rate(names: list[str], prop: str) -> float:
-    from interp.steering import PROPERTIES
-
-    if prop == "length":
-        return sum(map(len, names)) / max(len(names), 1)
-    return sum(map(PROPERTIES[prop], names)) / max(len(names), 1)
-
-
 def concept_labels(model, corpus, sae, n_names: int, seed: int) -> tuple[list[dict], torch.Tensor]:
     """The monosemanticity rows of the SAE's features (and the model's units) against the concept bank of a sample of
     train names, and every feature's mean activation where it fires on that sample."""
-    from interp.monosemanticity import collect, monosemanticity
+    from interp.monosemanticity import monosemanticity
 
     train = corpus.split("train")
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train), generator=gen)[:n_names].tolist()
     names, regions = [train[i].name for i in pick], [train[i].region for i in pick]
     report = monosemanticity(model, sae, names, regions, controls=False)
-    hook = sae.cfg.metadata.hook_name
-    total, count = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
-    with torch.no_grad():
-        for x in collect(model, names, [hook])[hook].split(8192):
-            f = sae.encode(x).float()
-            total += f.sum(0)
-            count += (f > 0).sum(0)
-    return report.rows, total / count.clamp(min=1)
+    return report.rows, feature_mean_when_active(model, sae, names)
 
 
 class Labels:
@@ -163,81 +123,11 @@ class Labels:
         return self.value
 
 
-def _effect(before: float, after: float, prop: str) -> float:
-    """Cohen's h of a rate (length: the change in characters)."""
-    if prop == "length":
-        return after - before
-    return 2 * math.asin(math.sqrt(after)) - 2 * math.asin(math.sqrt(before))
-
-
 def catalogue(model, tok, corpus, sae, labels: Labels, n: int, seed: int, quick: bool) -> list[dict]:
-    """Candidates: the best-scored features labelled with each property's concepts. Each is steered (added at a few
-    times its typical activation, or amplified where it fires) and every property is measured, since a feature that
-    reads a concept need not write it (the "just read a hyphen" feature changes what follows the hyphen, not how
-    many there are). Per property, the steering that changes it most within the cost budget is kept."""
-    from interp.monosemanticity import units_for
-
+    """`interp.steering.steering_catalogue` with this benchmark's budget (one candidate per property with --quick)."""
     rows, mean_on = labels.get()
-    settings = SampleSettings(n=n, seed=seed)
-    base = unsteered_baseline(model, tok, settings)
-    candidates: dict[int, str] = {}
-    for concepts in PROPERTY_CONCEPTS.values():
-        labelled = sorted(((r["mono1"], r["index"], c) for c in concepts for r in units_for(rows, c)[:1]), reverse=True)
-        for _, i, c in labelled[: 1 if quick else 2]:
-            candidates.setdefault(i, c)
-    trials = []  # (feature, concept, edit, report)
-    for i, concept in candidates.items():
-        typical = float(mean_on[i])
-        for edit in (Edit("add", 1.5 * typical), Edit("add", 3 * typical), Edit("scale", 4.0)):
-            rep = effect_report(model, tok, corpus, feature_hooks(model, sae, {i: edit}), n=n, seed=seed, base=base)
-            trials.append((i, concept, edit, rep))
-            log(f"catalogue: feature {i} ({concept}) {edit.op} {edit.value:.2f}: cost {rep.cost:+.3f}")
-    # largest effects first, each property and each feature at most once (so that the catalogue shows many features)
-    scored = sorted(
-        (
-            (abs(_effect(_rate(r.names_base, prop), _rate(r.names_steered, prop), prop)), prop, i, c, e, r)
-            for prop in PROPERTY_CONCEPTS
-            for i, c, e, r in trials
-            if r.cost <= BUDGET and r.novelty_steered >= MIN_NOVELTY
-        ),
-        key=lambda t: -t[0],
-    )
-    out, done, used = [], set(), set()
-    for _, prop, i, concept, edit, rep in scored:
-        if prop in done or i in used:
-            continue
-        done.add(prop)
-        used.add(i)
-        before, after = _rate(rep.names_base, prop), _rate(rep.names_steered, prop)
-        ablated = effect_report(
-            model, tok, corpus, feature_hooks(model, sae, {i: Edit("ablate", 0.0)}), n=n, seed=seed, base=base
-        )
-        fmt = (lambda v: f"{v:.2f}") if prop == "length" else (lambda v: f"{v:.1%}")
-        label = next(r for r in rows if r["kind"] == "feature" and r["index"] == i)
-        out.append(
-            {
-                "property": prop,
-                "feature": i,
-                "label (Mono1)": f"{concept} ({label['mono1']:.2f})",
-                "steering": f"{edit.op} {edit.value:.2f}",
-                "unsteered": fmt(before),
-                "steered": fmt(after),
-                "effect": f"{_effect(before, after, prop):+.2f}" + (" chars" if prop == "length" else " h"),
-                "ablated": fmt(_rate(ablated.names_steered, prop)),
-                "cost": f"{rep.cost:+.3f}",
-                "KL": f"{rep.kl:.3f}",
-                "novelty": f"{rep.novelty_steered:.0%}",
-                "example": next((s for s in rep.names_steered if s not in rep.names_base and _has(s, prop)), ""),
-            }
-        )
-        log(f"catalogue {prop}: feature {i} ({concept}) {fmt(before)} -> {fmt(after)} (cost {rep.cost:+.3f})")
-    return sorted(out, key=lambda r: -abs(float(r["effect"].split()[0])))
-
-
-def _has(name: str, prop: str) -> bool:
-    from interp.steering import PROPERTIES
-
-    return True if prop == "length" else PROPERTIES[prop](name)
+    return steering_catalogue(model, tok, corpus, sae, rows, mean_on, n=n, seed=seed, per_property=1 if quick else 2,
+                              budget=BUDGET, min_novelty=MIN_NOVELTY, log=log)  # fmt: skip
 
 
 # --- regions ----------------------------------------------------------------------------------------------------------

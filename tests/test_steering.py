@@ -273,6 +273,29 @@ def test_effect_report(model, tiny_corpus):
     assert any(r["measure"] == "hyphen" for r in rows)
 
 
+def test_catalogue_steers_labelled_features_and_keeps_one_row_per_property(model, tiny_corpus):
+    from interp.steering import PROPERTY_CONCEPTS, steering_catalogue
+
+    m, tok = model
+    sae = _sae("topk")
+    # labels as the monosemanticity rows give them: feature 2 reads hyphens, feature 5 the first letter "s"
+    rows = [
+        {"kind": "feature", "hook": HOOK, "index": 2, "concept": "char=-", "mono1": 0.9, "flags": ""},
+        {"kind": "feature", "hook": HOOK, "index": 5, "concept": "last2=^s", "mono1": 0.8, "flags": ""},
+    ]
+    mean_on = torch.full((sae.cfg.d_sae,), 3.0)
+    kw = {"n": 40, "seed": 1, "budget": 10.0, "min_novelty": 0.0}
+    out = steering_catalogue(m, tok, tiny_corpus, sae, rows, mean_on, **kw)
+    assert out and {r["feature"] for r in out} <= {2, 5}
+    assert len({r["property"] for r in out}) == len(out) and len({r["feature"] for r in out}) == len(out)
+    assert all(r["property"] in PROPERTY_CONCEPTS for r in out)
+    effects = [abs(float(r["effect"].split()[0])) for r in out]
+    assert effects == sorted(effects, reverse=True) and effects[0] > 0
+    assert out == steering_catalogue(m, tok, tiny_corpus, sae, rows, mean_on, **kw)  # seeded
+    # nothing is kept when no steering fits the budget
+    assert steering_catalogue(m, tok, tiny_corpus, sae, rows, mean_on, **{**kw, "budget": -1.0}) == []
+
+
 # --- command line -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory):

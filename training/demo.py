@@ -34,15 +34,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_NAMES = ("ladder", "sae", "monosemanticity", "dashboards", "steering", "attribution")
-# property of a generated name (interp.steering.PROPERTIES) -> concepts of the bank that spell it: the catalogue
-# steers the best-scored feature labelled with one of them (no index chosen by hand)
-CATALOGUE = {
-    "saint": ("word=saint", "word=sainte"),
-    "hyphen": ("char=-", "prev=-"),
-    "-ville": ("suffix=-ville", "word=ville"),
-    "-ac": ("suffix=-ac",),
-    "-heim": ("suffix=-heim",),
-}
 REGIONS = ("Bretagne", "Grand Est")
 # the cheap directions that moved a region most within 0.5 nats/char in bench/steering.py (probe at the second
 # block's input: Grand Est 18.7% -> 42.7%); the fitted vectors that also move Bretagne need ~45 s of fitting each
@@ -247,34 +238,16 @@ def _baseline(ctx: Context) -> tuple:
 
 
 def catalogue(ctx: Context) -> list[dict]:
-    """For each property, the best-scored feature labelled with one of its concepts, scaled by 4 where it fires:
-    the property's rate before and after, cost and novelty (interp.steering.effect_report)."""
-    from interp.monosemanticity import units_for
-    from interp.steering import PROPERTIES, Edit, effect_report, feature_hooks
+    """interp.steering.steering_catalogue on the monosemanticity stage's labels: one candidate feature per property,
+    the steering that changes a property most within 0.5 nats/char kept (typical sizes from 2,000 names)."""
+    from interp.steering import feature_mean_when_active, steering_catalogue
 
     if ctx.rows is None:
         return []
-    s = ctx.settings
-    base = _baseline(ctx)
-    out = []
-    for prop, concepts in CATALOGUE.items():
-        labelled = sorted(((r["mono1"], r["index"], c) for c in concepts for r in units_for(ctx.rows, c)[:1]),
-                          reverse=True)  # fmt: skip
-        if not labelled:
-            continue
-        mono1, i, concept = labelled[0]
-        edit = Edit("scale", 4.0)  # amplified where it already fires: the catalogue's one setting
-        rep = effect_report(ctx.model, ctx.tokenizer, ctx.corpus, feature_hooks(ctx.model, ctx.sae, {i: edit}),
-                            n=s.steer_n, seed=s.seed, base=base)  # fmt: skip
-        before = sum(map(PROPERTIES[prop], rep.names_base)) / len(rep.names_base)
-        after = sum(map(PROPERTIES[prop], rep.names_steered)) / len(rep.names_steered)
-        out.append({
-            "property": prop, "feature": i, "label (Mono1)": f"{concept} ({mono1:.2f})",
-            "steering": f"scale {edit.value:g}", "unsteered": f"{before:.1%}", "steered": f"{after:.1%}",
-            "cost": f"{rep.cost:+.3f}", "novelty": f"{rep.novelty_steered:.0%}",
-            "example": next((n for n in rep.names_steered if n not in rep.names_base), ""),
-        })  # fmt: skip
-    return out
+    names = [c.name for c in ctx.sample(2000)]
+    mean_on = feature_mean_when_active(ctx.model, ctx.sae, names)
+    return steering_catalogue(ctx.model, ctx.tokenizer, ctx.corpus, ctx.sae, ctx.rows, mean_on,
+                              n=ctx.settings.steer_n, seed=ctx.settings.seed)  # fmt: skip
 
 
 def region_table(ctx: Context) -> list[dict]:
@@ -334,9 +307,10 @@ def steering_stage(ctx: Context) -> tuple[str, str]:
     ctx.summary["steering"] = f"{len(cat)} catalogue features, {len(regions)} region rows"
     section = (
         "<h2 id='steering'>Steering</h2><p>Catalogue: for each property of a name, the best-scored SAE feature "
-        "labelled with it, scaled by 4 where it fires; region table: directions toward a region added at the "
-        "second block's input, success measured by the region classifier (the fitted vectors that also move "
-        "Bretagne, and every other method, are in the full benchmark): "
+        "labelled with one of its concepts, added or amplified, the steering that changes a property most within "
+        "0.5 nats/char kept (effect: Cohen's h, or characters for length); region table: directions toward a "
+        "region added at the second block's input, success measured by the region classifier (the fitted vectors "
+        "that also move Bretagne, and every other method, are in the full benchmark): "
         "<code>python bench/steering.py</code>; one intervention: <code>villes steer</code>.</p>"
         + _pre(text)
         + "<p><a href='steering.json'>steering.json</a></p>"
