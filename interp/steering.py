@@ -637,6 +637,23 @@ def effect_report(
     )
 
 
+def strength_sweep(
+    model: HookedTransformer,
+    tokenizer: CharTokenizer,
+    corpus: Corpus,
+    make_hooks: Callable[[float], Sequence[Hook]],
+    strengths: Sequence[float],
+    n: int = 200,
+    seed: int = 0,
+) -> list[EffectReport]:
+    """One effect report per strength (`make_hooks(strength)`, e.g. `lambda a: add_feature(model, sae, i, a)`),
+    all against the same unsteered samples."""
+    from training.sampling import SampleSettings
+
+    base = unsteered_baseline(model, tokenizer, SampleSettings(n=n, seed=seed))
+    return [effect_report(model, tokenizer, corpus, make_hooks(a), n=n, seed=seed, base=base) for a in strengths]
+
+
 @torch.no_grad()
 def unsteered_baseline(model, tokenizer, settings) -> tuple:
     from training.sampling import sample_names
@@ -969,6 +986,7 @@ __all__ = [
     "clamp_direction",
     "compose",
     "effect_report",
+    "strength_sweep",
     "EffectReport",
     "PROPERTIES",
     "property_rates",

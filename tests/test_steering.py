@@ -271,6 +271,12 @@ def test_effect_report(model, tiny_corpus):
     assert set(strong.to_dict()) >= {"cost", "kl", "rates_base", "rates_steered", "novelty_steered"}
     rows = strong.table()
     assert any(r["measure"] == "hyphen" for r in rows)
+    # a sweep is these reports, one per strength, against one unsteered sample
+    from interp.steering import strength_sweep
+
+    sweep = strength_sweep(m, tok, tiny_corpus, lambda a: add_feature(m, sae, 2, a), [0.0, 8.0], n=30, seed=3)
+    assert [r.names_steered for r in sweep] == [nothing.names_steered, strong.names_steered]
+    assert [r.cost for r in sweep] == pytest.approx([nothing.cost, strong.cost], abs=1e-9)
 
 
 def test_catalogue_steers_labelled_features_and_keeps_one_row_per_property(model, tiny_corpus):
