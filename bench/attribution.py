@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from interp.attribution import Target, attribute, default_methods, feature_means  # noqa: E402
-from interp.attribution_cli import load_sae_folder  # noqa: E402
 from training.cli import format_table  # noqa: E402
 from training.data import load_corpus  # noqa: E402
 from training.neural import load_checkpoint  # noqa: E402
+from training.sae import load_sae  # noqa: E402
 
 FLOOR_SPEARMAN, FLOOR_TOP5, FLOOR_MS = 0.9, 0.8, 200.0
 KS = (1, 2, 3, 5, 10, 20)
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*deprecated.*")
     torch.set_num_threads(args.threads)
     model, tok, config = load_checkpoint(args.checkpoint)
-    saes = [load_sae_folder(f, args.checkpoint) for f in (args.sae or [ROOT / "checkpoints" / "sae"])]
+    saes = [load_sae(f, trained_on=args.checkpoint) for f in (args.sae or [ROOT / "checkpoints" / "sae"])]
     info = config.get("corpus", {})
     corpus = load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True))
     means = None

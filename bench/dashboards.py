@@ -27,10 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from interp.dashboards import DEFAULT_MODEL, DEFAULT_SAE, auto_threads, dashboards, load_sae_folder  # noqa: E402
+from interp.dashboards import DEFAULT_MODEL, DEFAULT_SAE, auto_threads, dashboards  # noqa: E402
 from training.cli import format_table  # noqa: E402
 from training.data import load_corpus  # noqa: E402
 from training.neural import load_checkpoint  # noqa: E402
+from training.sae import load_sae  # noqa: E402
 
 
 def stand_in_sae(model, seed: int = 0):
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads or auto_threads())
     model, tok, config = load_checkpoint(args.checkpoint)
     sae_path = args.sae or (DEFAULT_SAE if DEFAULT_SAE.is_dir() else None)
-    sae = load_sae_folder(sae_path, args.checkpoint) if sae_path else stand_in_sae(model)
+    sae = load_sae(sae_path, trained_on=args.checkpoint) if sae_path else stand_in_sae(model)
     sae_name = str(sae_path) if sae_path else f"stand-in TopK {sae.cfg.d_in}->{sae.cfg.d_sae}, k=8 (random)"
     info = config.get("corpus", {})
     communes = load_corpus(info.get("names_file"), lowercase=info.get("lowercase", True)).split(args.split)

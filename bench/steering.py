@@ -33,7 +33,6 @@ from interp import regions as rg
 from interp.steering import (
     Where,
     feature_mean_when_active,
-    load_sae_folder,
     steering_catalogue,
     tokens_nll,
     unsteered_baseline,
@@ -43,6 +42,7 @@ from training.cli import format_table
 from training.data import load_communes
 from training.ladder import novelty
 from training.neural import load_checkpoint
+from training.sae import load_sae
 from training.sampling import SampleSettings, sample_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     corpus = load_communes()
     model, tok, _ = load_checkpoint(args.checkpoint)
-    sae = load_sae_folder(args.sae) if (args.sae / "cfg.json").is_file() else None
+    sae = load_sae(args.sae) if (args.sae / "cfg.json").is_file() else None
     report: dict = {"checkpoint": str(args.checkpoint), "sae": str(args.sae) if sae is not None else None, "n": args.n}
 
     t0 = time.perf_counter()

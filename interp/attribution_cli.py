@@ -4,7 +4,6 @@ the numbers. A thin face over `interp.attribution` (imports stay lazy so `villes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import random
 import sys
 from pathlib import Path
@@ -54,39 +53,13 @@ def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_sae_folder(folder: Path, checkpoint: Path | None = None):
-    """An SAELens SAE from its folder; when its metadata records the sha256 of the model weights it was trained on,
-    they must be the checkpoint's."""
-    from sae_lens import SAE
-
-    if not (folder / "cfg.json").is_file():
-        raise VillesError(f"{folder} is not a SAELens SAE folder (no cfg.json)")
-    try:
-        sae = SAE.load_from_disk(folder)
-    except (KeyError, ValueError, TypeError, RuntimeError, OSError) as e:
-        raise VillesError(f"{folder} is not a loadable SAELens SAE folder: {str(e).splitlines()[0][:200]}") from None
-    sae.eval()
-    recorded = sae.cfg.metadata.get("model_sha256")
-    weights = checkpoint / "model.safetensors" if checkpoint else None
-    if recorded and weights is not None and weights.is_file() and _sha256(weights) != recorded:
-        raise VillesError(f"SAE/model mismatch: {folder} was trained on other weights than {checkpoint}'s")
-    return sae
-
-
 def cmd_attribute(args) -> int:
     import torch
 
     from interp.attribution import Target, attribute, feature_means, format_attribution, write_html
     from training.data import load_corpus, normalize
     from training.neural import load_checkpoint
+    from training.sae import load_sae
 
     if args.top <= 0:
         raise VillesError(f"--top must be positive, got {args.top}")
@@ -99,7 +72,7 @@ def cmd_attribute(args) -> int:
         raise VillesError(f"{args.checkpoint} holds a {config.get('kind')} model: attribution needs a transformer")
     corpus_info = config.get("corpus", {})
     name = normalize(args.name) if corpus_info.get("lowercase", True) else args.name.strip()
-    saes = [load_sae_folder(folder, args.checkpoint) for folder in (args.sae or [DEFAULT_SAE])]
+    saes = [load_sae(folder, trained_on=args.checkpoint) for folder in (args.sae or [DEFAULT_SAE])]
     labels = None
     if args.labels is not None:  # checked against the SAEs before any model work
         from interp.monosemanticity import sae_labels

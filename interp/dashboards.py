@@ -1023,15 +1023,9 @@ def resolve_labels(labels, sets: Sequence[UnitSet]) -> dict[tuple[str, int], tup
 
 def check_out(out: Path) -> None:
     """--out may be new, empty, or an earlier dashboards folder (replaced whole); never a file or other data."""
-    if out.exists() and not out.is_dir():
-        raise VillesError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            fmt = json.loads((out / "dashboards.json").read_text(encoding="utf-8")).get("format")
-        except (OSError, ValueError):
-            fmt = None
-        if fmt != FORMAT:
-            raise VillesError(f"--out {out} holds something that is not a dashboards folder: refusing to replace it")
+    from training.checkpoint import check_replaceable_out
+
+    check_replaceable_out(out, "dashboards.json", FORMAT, "dashboards")
 
 
 def dashboards(
@@ -1180,32 +1174,10 @@ def parse_units(text: str | None) -> list[int] | None:
     return sorted(out)
 
 
-def load_sae_folder(folder: Path, checkpoint: Path | None = None):
-    """An SAELens SAE from its folder; a one-line error when it is missing, unreadable, or recorded as trained on
-    other weights than the checkpoint's (metadata model_sha256, when present)."""
-    import hashlib
-
-    from sae_lens import SAE
-
-    if not (folder / "cfg.json").is_file() or not (folder / "sae_weights.safetensors").is_file():
-        raise VillesError(f"{folder} is not a SAELens SAE folder (needs cfg.json and sae_weights.safetensors)")
-    try:
-        sae = SAE.load_from_disk(folder)
-    except Exception as e:  # SAELens raises many kinds on a bad folder; all mean the same to the user
-        raise VillesError(f"{folder} is not a loadable SAELens SAE folder: {str(e).splitlines()[0][:200]}") from None
-    sae.eval()
-    recorded = sae.cfg.metadata.get("model_sha256") if hasattr(sae.cfg.metadata, "get") else None
-    weights = checkpoint / "model.safetensors" if checkpoint else None
-    if recorded and weights is not None and weights.is_file():
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if digest != recorded:
-            raise VillesError(f"SAE/model mismatch: {folder} was trained on other weights than {checkpoint}'s")
-    return sae
-
-
 def cmd_dashboards(args) -> int:
     from training.data import load_corpus
     from training.neural import load_checkpoint
+    from training.sae import load_sae
 
     out = Path(args.out)
     check_out(out)
@@ -1219,11 +1191,11 @@ def cmd_dashboards(args) -> int:
         raise VillesError(f"{checkpoint} holds a {config.get('kind')} model: dashboards need a transformer checkpoint")
     sae, neurons = None, None
     if args.sae:
-        sae = load_sae_folder(Path(args.sae), checkpoint)
+        sae = load_sae(Path(args.sae), trained_on=checkpoint)
     elif not args.hook:  # the default job: every feature of the default SAE and every MLP neuron
         neurons = True
         if DEFAULT_SAE.is_dir() and checkpoint.resolve() == DEFAULT_MODEL.resolve():
-            sae = load_sae_folder(DEFAULT_SAE, checkpoint)
+            sae = load_sae(DEFAULT_SAE, trained_on=checkpoint)
         else:
             print(
                 f"villes: no SAE given (and none at {DEFAULT_SAE} for this model): building MLP neurons only",

@@ -1331,19 +1331,9 @@ def units_for(rows: Sequence[dict], concept: str, kind: str = "feature", level: 
 
 def check_out(out: Path) -> None:
     """--out may be new, empty, or an earlier monosemanticity folder (replaced whole); never a file or other data."""
-    import json
+    from training.checkpoint import check_replaceable_out
 
-    if out.exists() and not out.is_dir():
-        raise VillesError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            fmt = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("format")
-        except (OSError, ValueError):
-            fmt = None
-        if fmt != FORMAT:
-            raise VillesError(
-                f"--out {out} holds something that is not a monosemanticity folder: refusing to replace it"
-            )
+    check_replaceable_out(out, "summary.json", FORMAT, "monosemanticity")
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

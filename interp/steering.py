@@ -731,6 +731,7 @@ def steering_catalogue(
     budget: float = 0.5,
     min_novelty: float = 0.9,
     log: Callable[[str], None] | None = None,
+    base: tuple | None = None,
 ) -> list[dict]:
     """Features whose steering changes a named property, chosen from the concept labels (`rows`: monosemanticity
     rows of the SAE's features; `mean_on`: `feature_mean_when_active`).
@@ -739,12 +740,14 @@ def steering_catalogue(
     each). Each is steered (added at 1.5 and 3 times its typical activation, or amplified ×4 where it fires) and every
     property is measured, since a feature that reads a concept need not write it (the "just read a hyphen" feature
     changes what follows the hyphen, not how many there are). Per property, the steering that changes it most within
-    the cost budget (nats/char) and with novelty ≥ min_novelty is kept, each feature at most once."""
+    the cost budget (nats/char) and with novelty ≥ min_novelty is kept, each feature at most once. `base` reuses an
+    unsteered (samples, nll) pair of the same n and seed (`unsteered_baseline`)."""
     from interp.monosemanticity import units_for
     from training.sampling import SampleSettings
 
     log = log or (lambda _msg: None)
-    base = unsteered_baseline(model, tokenizer, SampleSettings(n=n, seed=seed))
+    if base is None:
+        base = unsteered_baseline(model, tokenizer, SampleSettings(n=n, seed=seed))
     candidates: dict[int, str] = {}
     for concepts in PROPERTY_CONCEPTS.values():
         labelled = sorted(((r["mono1"], r["index"], c) for c in concepts for r in units_for(rows, c)[:1]), reverse=True)
@@ -914,7 +917,9 @@ def cmd_steer(args) -> int:
     hooks: list[Hook] = []
     sae = None
     if edits or (args.region is not None and args.method.startswith("sae-")):
-        sae = load_sae_folder(args.sae or DEFAULT_CHECKPOINTS["transformer"].parent / "sae")
+        from training.sae import load_sae
+
+        sae = load_sae(args.sae or DEFAULT_CHECKPOINTS["transformer"].parent / "sae")
     labels = None
     if args.labels is not None:
         from interp.monosemanticity import read_rows
@@ -950,21 +955,6 @@ def cmd_steer(args) -> int:
     print(format_table(report.table(), ["measure", "unsteered", "steered", "change"]))
     print(f"plausibility cost {report.cost:+.3f} nats/char, n={args.n}, seed={args.seed}", file=sys.stderr)
     return 0
-
-
-def load_sae_folder(folder: Path | str) -> SAE:
-    """An SAELens SAE from its folder (safetensors weights, nothing unpickled); a bad folder is a VillesError."""
-    from sae_lens import SAE
-
-    folder = Path(folder)
-    if not (folder / "cfg.json").is_file():
-        raise VillesError(f"no SAELens SAE in {folder} (cfg.json missing): pass --sae DIR")
-    try:
-        sae = SAE.load_from_disk(str(folder))
-    except (KeyError, ValueError, TypeError, RuntimeError, OSError) as e:
-        raise VillesError(f"{folder} is not a loadable SAELens SAE folder: {str(e).splitlines()[0][:200]}") from None
-    sae.eval()
-    return sae
 
 
 __all__ = [

@@ -62,6 +62,20 @@ def read_json(path: Path | str) -> dict:
         raise VillesError(f"cannot read {path}: {e}") from None
 
 
+def check_replaceable_out(out: Path, marker: str, fmt: str, what: str) -> None:
+    """An --out folder that a command rewrites whole: new, empty, or an earlier `what` folder (its `marker` JSON file
+    says "format": fmt); never a file or other data."""
+    if out.exists() and not out.is_dir():
+        raise VillesError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            found = json.loads((out / marker).read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != fmt:
+            raise VillesError(f"--out {out} holds something that is not a {what} folder: refusing to replace it")
+
+
 def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():

@@ -247,7 +247,7 @@ def catalogue(ctx: Context) -> list[dict]:
     names = [c.name for c in ctx.sample(2000)]
     mean_on = feature_mean_when_active(ctx.model, ctx.sae, names)
     return steering_catalogue(ctx.model, ctx.tokenizer, ctx.corpus, ctx.sae, ctx.rows, mean_on,
-                              n=ctx.settings.steer_n, seed=ctx.settings.seed)  # fmt: skip
+                              n=ctx.settings.steer_n, seed=ctx.settings.seed, base=_baseline(ctx))  # fmt: skip
 
 
 def region_table(ctx: Context) -> list[dict]:

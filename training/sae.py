@@ -746,10 +746,13 @@ def check_sae_fits(model: HookedTransformer, sae: SAE, hook: str | None = None) 
         )
 
 
-def load_sae(folder: Path | str, model: HookedTransformer | Path | str | None = None) -> SAE:
+def load_sae(
+    folder: Path | str, model: HookedTransformer | Path | str | None = None, *, trained_on: Path | str | None = None
+) -> SAE:
     """An SAELens SAE from its folder (weights from safetensors). With a model (a HookedTransformer or a checkpoint
     folder), check that it fits: the SAE's hook exists there and has the SAE's d_in; for a checkpoint folder, also
-    that its weights are those the SAE was trained on."""
+    that its weights are those the SAE was trained on. `trained_on` (a checkpoint folder) makes only that last check,
+    without loading the model."""
     from sae_lens import SAE
 
     folder = Path(folder)
@@ -760,11 +763,12 @@ def load_sae(folder: Path | str, model: HookedTransformer | Path | str | None = 
     except (KeyError, ValueError, TypeError, RuntimeError, OSError) as e:
         raise VillesError(f"{folder} is not a loadable SAELens SAE folder: {str(e).splitlines()[0][:200]}") from None
     sae.eval()
-    if isinstance(model, str | Path):
-        path = Path(model)
+    for path in (Path(p) for p in (trained_on, model) if isinstance(p, str | Path)):
         recorded = sae.cfg.metadata.get("model_sha256")
         if recorded and (path / "model.safetensors").is_file() and sha256_file(path / "model.safetensors") != recorded:
             raise VillesError(f"SAE/model mismatch: {folder} was trained on other weights than {path}'s")
+    if isinstance(model, str | Path):
+        path = Path(model)
         from training.transformer import load_model
 
         model = load_model(path)
